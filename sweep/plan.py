@@ -1,0 +1,229 @@
+"""Shape preflight: check every trial against the real model's modules before any compute.
+
+The base model is built once on the meta device from its config (no weights are read);
+each distinct adapter configuration is then wrapped by PEFT on a fresh meta copy, which
+gives the exact trainable-parameter count and the modules the adapter really targets.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sweep.expand import Expansion, Rejected, expand, resolve_model
+from sweep.spec import SpecError, SweepSpec
+from trials.adapters import FAMILIES, Issue, PlanContext, TargetShape
+from trials.config import TrialConfig
+
+
+@dataclass(frozen=True)
+class AdapterCheck:
+    """What the preflight learned about one adapter configuration."""
+
+    trainable: int = 0
+    errors: tuple[str, ...] = ()
+    warnings: tuple[str, ...] = ()
+    targets: int = 0
+
+
+@dataclass
+class TrialPlan:
+    trial: TrialConfig
+    trainable: int
+    base_params: int
+    warnings: tuple[str, ...] = ()
+
+    @property
+    def percent(self) -> float:
+        return 100.0 * self.trainable / self.base_params if self.base_params else 0.0
+
+
+@dataclass
+class Plan:
+    spec: SweepSpec
+    spec_dir: Path
+    base_params: int
+    trials: list[TrialPlan] = field(default_factory=list)
+    rejected: list[Rejected] = field(default_factory=list)
+    candidates: list[tuple[dict[str, Any], AdapterCheck]] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.rejected
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.spec.name,
+            "strategy": self.spec.search.strategy,
+            "base_params": self.base_params,
+            "trials": [
+                {
+                    "trial_id": t.trial.trial_id,
+                    "variant": FAMILIES[t.trial.adapter.type].variant(t.trial.adapter),
+                    "trainable_params": t.trainable,
+                    "percent_trainable": round(t.percent, 6),
+                    "warnings": list(t.warnings),
+                    "config": t.trial.model_dump(mode="json"),
+                }
+                for t in self.trials
+            ],
+            "invalid": [{"where": r.where, "trial_id": r.trial_id, "errors": r.lines} for r in self.rejected],
+            "candidates": [
+                {"adapter": a, "trainable_params": c.trainable, "errors": list(c.errors), "warnings": list(c.warnings)}
+                for a, c in self.candidates
+            ],
+        }
+
+
+class ModelShapes:
+    """Builds meta-device copies of one base model and checks adapters against it."""
+
+    def __init__(self, base_model: str, trust_remote_code: bool = False):
+        self.config = load_model_config(base_model, trust_remote_code)
+        self.trust_remote_code = trust_remote_code
+        self.base_params = sum(p.numel() for p in self._meta_model().parameters())
+
+    def _meta_model(self):
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        with torch.device("meta"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return AutoModelForCausalLM.from_config(self.config, trust_remote_code=self.trust_remote_code)
+
+    def check(self, adapter: Any, ctx: PlanContext) -> AdapterCheck:
+        family = FAMILIES[adapter.type]
+        issues: list[Issue] = list(family.check(adapter, ctx))
+        trainable, targets = 0, []
+        try:
+            config = family.peft_config(adapter, for_count=True)
+        except (ValueError, TypeError) as err:
+            issues.append(Issue("type", f"PEFT rejects this config: {err}"))
+            config = None
+        if config is not None:
+            try:
+                trainable, targets = self._wrap(config, family, adapter)
+            except (ValueError, RuntimeError, TypeError, KeyError) as err:
+                issues.append(_wrap_issue(err))
+        if targets:
+            issues.extend(family.check_shapes(adapter, targets))
+        return AdapterCheck(
+            trainable=trainable,
+            errors=tuple(i.line() for i in issues if i.severity == "error"),
+            warnings=tuple(i.line() for i in issues if i.severity == "warning"),
+            targets=len(targets),
+        )
+
+    def _wrap(self, config: Any, family: Any, adapter: Any) -> tuple[int, list[TargetShape]]:
+        from peft import get_peft_model
+
+        model = self._meta_model()
+        matched = matched_targets(model, config)
+        if not matched:
+            raise ValueError(f"Target modules {config.target_modules} not found in the base model")
+        counted = family.count_trainable(adapter, matched)
+        if counted is not None:
+            return counted, matched
+        with warnings.catch_warnings():
+            # PEFT's shrink-and-warn paths are exactly what check_shapes reports as errors.
+            warnings.simplefilter("ignore")
+            peft_model = get_peft_model(model, config)
+        trainable, _ = peft_model.get_nb_trainable_parameters()
+        return trainable, matched
+
+
+def matched_targets(model: Any, config: Any) -> list[TargetShape]:
+    """The modules PEFT would wrap, found with PEFT's own matching, without wrapping."""
+    import copy
+
+    from peft.mapping import PEFT_TYPE_TO_TUNER_MAPPING
+    from peft.tuners.tuners_utils import check_target_module_exists
+
+    tuner = PEFT_TYPE_TO_TUNER_MAPPING[config.peft_type]
+    resolved = tuner._prepare_adapter_config(tuner, copy.deepcopy(config), model.config.to_dict())
+    targets = []
+    for name, module in model.named_modules():
+        weight = getattr(module, "weight", None)
+        if weight is None or not check_target_module_exists(resolved, name):
+            continue
+        shape = tuple(weight.shape)
+        out_f, in_f = (shape[0], shape[1]) if len(shape) >= 2 else (shape[0], shape[0])
+        targets.append(TargetShape(name, int(in_f), int(out_f)))
+    return targets
+
+
+def _wrap_issue(err: Exception) -> Issue:
+    text = str(err).splitlines()[0] if str(err) else type(err).__name__
+    if "Target modules" in text or "target_modules" in text:
+        return Issue("target_modules", text, "name modules that exist in the base model, e.g. q_proj, v_proj")
+    return Issue("type", f"PEFT cannot build this adapter: {text}")
+
+
+def load_model_config(base_model: str, trust_remote_code: bool = False):
+    """The model's config from a local folder or the local HF cache; never blocks on the network."""
+    from transformers import AutoConfig
+
+    local = Path(base_model)
+    try:
+        if local.is_dir():
+            if not (local / "config.json").is_file():
+                raise SpecError([f"model.base_model: {base_model} has no config.json; point it at a saved model folder"])
+            return AutoConfig.from_pretrained(local, trust_remote_code=trust_remote_code)
+        return AutoConfig.from_pretrained(base_model, trust_remote_code=trust_remote_code, local_files_only=True)
+    except SpecError:
+        raise
+    except (OSError, ValueError) as err:
+        first = str(err).splitlines()[0]
+        raise SpecError(
+            [
+                f"model.base_model: cannot load the config of {base_model!r} from a local folder or the local HF cache "
+                f"({first[:160]}); give a local model folder (the folder with config.json), or download it first "
+                "with `huggingface-cli download`"
+            ]
+        ) from None
+
+
+def _check_data(spec: SweepSpec, spec_dir: Path) -> list[str]:
+    lines = []
+    for name in ("train", "eval"):
+        value = getattr(spec.data, name)
+        if value is not None and not (spec_dir / Path(value).expanduser()).exists():
+            lines.append(f"data.{name}: file not found: {value} (relative paths resolve against {spec_dir})")
+    return lines
+
+
+def make_plan(spec: SweepSpec, spec_dir: Path, *, expansion: Expansion | None = None) -> Plan:
+    """Expand the spec and check every trial; raises SpecError for problems of the whole spec."""
+    problems = _check_data(spec, spec_dir)
+    if problems:
+        raise SpecError(problems)
+    expansion = expansion or expand(spec, spec_dir)
+    model_path = resolve_model(spec.model.base_model, spec_dir)
+    shapes = ModelShapes(model_path, spec.model.trust_remote_code)
+    ctx = PlanContext(gpus=spec.resources.gpus_per_worker > 0)
+
+    checks: dict[str, AdapterCheck] = {}
+    plan = Plan(spec=spec, spec_dir=spec_dir, base_params=shapes.base_params, rejected=list(expansion.rejected))
+
+    def check(adapter: Any) -> AdapterCheck:
+        key = json.dumps(adapter.model_dump(mode="json") if hasattr(adapter, "model_dump") else adapter, sort_keys=True)
+        if key not in checks:
+            checks[key] = shapes.check(adapter, ctx)
+        return checks[key]
+
+    for cand in expansion.candidates:
+        fields = FAMILIES[cand.adapter["type"]].fields.model_validate(cand.adapter)
+        result = check(fields)
+        plan.candidates.append((cand.adapter, result))
+        if result.errors and spec.search.strategy != "grid":
+            plan.rejected.append(Rejected(cand.label(), list(result.errors)))
+    for trial in expansion.trials:
+        result = check(trial.adapter)
+        if result.errors:
+            plan.rejected.append(Rejected(f"trial {trial.trial_id}", list(result.errors), trial.trial_id))
+        else:
+            plan.trials.append(TrialPlan(trial, result.trainable, shapes.base_params, result.warnings))
+    return plan

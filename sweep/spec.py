@@ -1,0 +1,219 @@
+"""The sweep spec: a strict Pydantic model of the YAML a user writes.
+
+Adapter items and the trainer block are derived from the concrete models in `trials`
+(the catalogue is the only place that knows an adapter family): every scalar field may
+also be given as a list of grid values, and trainer fields may take a distribution.
+"""
+
+from __future__ import annotations
+
+import functools
+import types
+import typing
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BeforeValidator, Discriminator, Field, Tag, create_model, model_validator
+
+from trials.adapters import FAMILIES
+from trials.config import DataConfig, DeepSpeedConfig, ModelConfig, TrainerConfig
+from trials.strict import Strict
+
+
+class Distribution(Strict):
+    distribution: Literal["loguniform", "uniform", "choice"]
+    low: float | None = None
+    high: float | None = None
+    values: list[Any] | None = None
+
+    @model_validator(mode="after")
+    def _complete(self) -> Distribution:
+        if self.distribution == "choice":
+            if not self.values:
+                raise ValueError("a choice distribution needs a non-empty `values` list")
+        else:
+            if self.low is None or self.high is None or self.low >= self.high:
+                raise ValueError(f"a {self.distribution} distribution needs low < high")
+            if self.distribution == "loguniform" and self.low <= 0:
+                raise ValueError("a loguniform distribution needs low > 0")
+        return self
+
+
+def _as_list(value: Any) -> Any:
+    return value if isinstance(value, list) else [value]
+
+
+def _grid_or_dist(value: Any) -> str:
+    return "distribution" if isinstance(value, dict) else "grid"
+
+
+_SCALARS = (int, float, bool, str)
+
+
+def is_scalar(annotation: Any) -> bool:
+    if annotation in _SCALARS:
+        return True
+    origin = typing.get_origin(annotation)
+    if origin is Literal:
+        return True
+    if origin in (Union, types.UnionType):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        return len(args) == 1 and is_scalar(args[0])
+    return False
+
+
+def _grid_type(annotation: Any, with_distribution: bool) -> Any:
+    grid = Annotated[list[annotation], BeforeValidator(_as_list), Field(min_length=1)]
+    if not with_distribution:
+        return grid
+    return Annotated[
+        Union[Annotated[grid, Tag("grid")], Annotated[Distribution, Tag("distribution")]],
+        Discriminator(_grid_or_dist),
+    ]
+
+
+def _grid_fields(concrete: type[Strict], with_distribution: bool) -> dict[str, Any]:
+    """Fields of `concrete` where each scalar also accepts a list (and a distribution)."""
+    fields: dict[str, Any] = {}
+    for name, info in concrete.model_fields.items():
+        if name == "type":
+            continue
+        default: Any = info.default_factory() if info.default_factory else info.default
+        if is_scalar(info.annotation):
+            fields[name] = (_grid_type(info.annotation, with_distribution), Field([default], description=info.description))
+        else:
+            fields[name] = (info.annotation, Field(default, description=info.description))
+    return fields
+
+
+TrainerSpec = create_model(
+    "TrainerSpec",
+    __base__=Strict,
+    __doc__="Trainer settings; each value may be a scalar, a list of grid values or a distribution.",
+    **_grid_fields(TrainerConfig, with_distribution=True),
+)
+
+
+@functools.cache
+def adapter_spec_model(family_name: str) -> type[Strict]:
+    family = FAMILIES[family_name]
+    model = create_model(
+        f"{family.fields.__name__.removesuffix('Fields')}Spec",
+        __base__=Strict,
+        __doc__=family.key_strength,
+        type=(Literal[family_name], ...),
+        trainer=(TrainerSpec | None, Field(None, description="Overrides the shared search.trainer for this adapter.")),
+        **_grid_fields(family.fields, with_distribution=False),
+    )
+    model.unknown_key_hints = family.fields.unknown_key_hints
+    return model
+
+
+AdapterSpec = Annotated[Union[tuple(adapter_spec_model(n) for n in FAMILIES)], Field(discriminator="type")]
+
+
+class SearchSpec(Strict):
+    strategy: Literal["grid", "random", "optuna"] = "grid"
+    num_samples: int | None = Field(None, ge=1, description="Trials to sample (random and optuna strategies).")
+    seeds: Annotated[list[int], BeforeValidator(_as_list), Field(min_length=1)] = [0]
+    adapters: list[AdapterSpec] = Field(min_length=1)
+    trainer: TrainerSpec = TrainerSpec()  # type: ignore[valid-type]
+
+    @model_validator(mode="after")
+    def _samples_match_strategy(self) -> SearchSpec:
+        if self.strategy == "grid" and self.num_samples is not None:
+            raise ValueError("num_samples applies to random/optuna; a grid runs every combination (remove num_samples)")
+        if self.strategy != "grid" and self.num_samples is None:
+            raise ValueError(f"strategy {self.strategy} needs num_samples (how many trials to sample)")
+        if self.strategy == "grid":
+            for where, trainer in self._trainers():
+                for name in type(trainer).model_fields:
+                    if isinstance(getattr(trainer, name), Distribution):
+                        raise ValueError(
+                            f"{where}.{name} is a distribution, which a grid cannot enumerate; "
+                            "use a list of values or strategy: random/optuna"
+                        )
+        return self
+
+    def _trainers(self):
+        yield "search.trainer", self.trainer
+        for i, item in enumerate(self.adapters):
+            if item.trainer is not None:
+                yield f"search.adapters[{i}].trainer", item.trainer
+
+
+class MetricSpec(Strict):
+    name: str = "eval_loss"
+    goal: Literal["minimize", "maximize"] = "minimize"
+
+
+class FifoScheduler(Strict):
+    type: Literal["fifo"] = "fifo"
+
+
+class AshaScheduler(Strict):
+    type: Literal["asha"]
+    grace_period: int = Field(1, ge=1, description="Reports (every eval_every steps) before a trial may be stopped.")
+    reduction_factor: float = Field(3, gt=1)
+    max_t: int | None = Field(None, ge=1, description="Reports after which every trial stops; default max_steps / eval_every.")
+
+
+class ResourcesSpec(Strict):
+    workers_per_trial: int = Field(2, ge=1, description="Ray Train workers (DeepSpeed processes) per trial.")
+    cpus_per_worker: float = Field(1, gt=0)
+    gpus_per_worker: float = Field(0, ge=0)
+    max_concurrent_trials: int = Field(1, ge=1)
+
+
+class FailureSpec(Strict):
+    max_failures: int = Field(0, ge=-1, description="Retries of a failed trial (-1: forever).")
+
+
+class TrackingSpec(Strict):
+    uri: str = Field("sqlite:///mlflow.db", description="MLflow tracking URI; a relative sqlite path resolves against the spec's folder.")
+    experiment: str | None = Field(None, description="MLflow experiment; defaults to the sweep name.")
+
+
+class SweepSpec(Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="Sweep name (letters, digits, _ . -).")
+    model: ModelConfig
+    data: DataConfig
+    search: SearchSpec
+    metric: MetricSpec = MetricSpec()
+    scheduler: Annotated[Union[FifoScheduler, AshaScheduler], Field(discriminator="type")] = FifoScheduler()
+    resources: ResourcesSpec = ResourcesSpec()
+    deepspeed: DeepSpeedConfig = DeepSpeedConfig()
+    tracking: TrackingSpec = TrackingSpec()
+    failure: FailureSpec = FailureSpec()
+
+
+class SpecError(Exception):
+    """A user mistake in the spec: each line names the field and the fix."""
+
+    def __init__(self, lines: list[str]):
+        super().__init__("\n".join(lines))
+        self.lines = lines
+
+
+def load_spec(path: str | Path) -> tuple[SweepSpec, Path]:
+    """Parse and validate a spec file; returns the spec and the folder relative paths resolve against."""
+    from pydantic import ValidationError
+
+    from sweep.errors import validation_lines
+
+    path = Path(path)
+    if not path.is_file():
+        raise SpecError([f"spec: file not found: {path}"])
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise SpecError([f"spec: malformed YAML{where}: {getattr(err, 'problem', err)}"]) from None
+    if not isinstance(raw, dict):
+        raise SpecError(["spec: the file must be a YAML mapping with name, model, data and search"])
+    try:
+        return SweepSpec.model_validate(raw), path.resolve().parent
+    except ValidationError as err:
+        raise SpecError(validation_lines(err)) from None

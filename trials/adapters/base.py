@@ -1,0 +1,139 @@
+"""What every adapter family in the catalogue provides.
+
+A family is the single place that knows one PEFT method: its fields, how they become a
+PEFT config, the shape rules PEFT does not enforce (or enforces silently), its Ludwig
+export, and a short description for the comparison table.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
+
+from pydantic import Field
+
+from trials.strict import Strict
+
+if TYPE_CHECKING:
+    import torch
+    from peft import PeftConfig, PeftModel
+
+
+class FamilyFields(Strict):
+    """Concrete fields of one adapter in one trial (no grid lists)."""
+
+    target_modules: list[str] | None = Field(
+        None, description="Module names or a regex; unset uses PEFT's default for the model architecture."
+    )
+
+
+@dataclass(frozen=True)
+class TargetShape:
+    """A module an adapter wraps, with the dimensions of its weight."""
+
+    name: str
+    in_features: int
+    out_features: int
+
+
+@dataclass(frozen=True)
+class PlanContext:
+    """What the plan knows about where trials will run."""
+
+    gpus: bool
+
+
+@dataclass(frozen=True)
+class Issue:
+    field: str
+    message: str
+    fix: str = ""
+    severity: Literal["error", "warning"] = "error"
+
+    def line(self) -> str:
+        text = f"adapter.{self.field}: {self.message}"
+        return f"{text}; {self.fix}" if self.fix else text
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Batch-size-1 calibration batches, for families whose initialization reads data."""
+
+    batches: list[dict[str, torch.Tensor]]
+
+
+def divisors_hint(n: int, near: int) -> str:
+    divs = [d for d in range(1, n + 1) if n % d == 0]
+    best = sorted(divs, key=lambda d: (abs(d - near), d))[:3]
+    return ", ".join(str(d) for d in sorted(best))
+
+
+class AdapterFamily:
+    name: ClassVar[str]
+    fields: ClassVar[type[FamilyFields]]
+    key_strength: ClassVar[str]
+    best_for: ClassVar[str]
+    approx_extra_params: ClassVar[str]
+    # Per-module attributes PEFT stores on a wrapped layer, read back after wrapping so a
+    # trial records the values PEFT actually used (it adjusts some silently).
+    effective_attrs: ClassVar[tuple[str, ...]] = ()
+
+    def variant(self, f: FamilyFields) -> str:
+        return self.name
+
+    def peft_config(self, f: FamilyFields, *, for_count: bool = False) -> PeftConfig:
+        """The PEFT config; `for_count` gives one that builds the same parameters without
+        data- or weight-dependent initialization (used on meta-device models)."""
+        raise NotImplementedError
+
+    def count_trainable(self, f: FamilyFields, targets: list[TargetShape]) -> int | None:
+        """The trainable count without wrapping, for families whose wrap is too slow to run
+        at plan time on large models; None means "wrap and count"."""
+        return None
+
+    def check(self, f: FamilyFields, ctx: PlanContext) -> list[Issue]:
+        """Rules that need no module shapes."""
+        return []
+
+    def check_shapes(self, f: FamilyFields, targets: list[TargetShape]) -> list[Issue]:
+        """Rules against the modules the adapter wraps."""
+        return []
+
+    def runtime_requirements(self, f: FamilyFields) -> list[str]:
+        """Reasons this trial cannot run on the current process's hardware (empty if it can)."""
+        return []
+
+    def changes_base_weights(self, f: FamilyFields) -> bool:
+        """True when initialization rewrites base weights, so a portable save needs conversion."""
+        return False
+
+    def wrap(self, model: torch.nn.Module, f: FamilyFields, calibration: Calibration | None) -> PeftModel:
+        from peft import get_peft_model
+
+        return get_peft_model(model, self.peft_config(f))
+
+    def needs_calibration(self, f: FamilyFields) -> bool:
+        return False
+
+    def ludwig(self, f: FamilyFields) -> dict[str, Any]:
+        """The adapter block of a Ludwig LLM config."""
+        out: dict[str, Any] = {"type": self.name}
+        out.update({k: v for k, v in f.model_dump(exclude={"type"}).items() if v is not None})
+        return out
+
+
+def effective_values(peft_model: torch.nn.Module, attrs: tuple[str, ...]) -> dict[str, dict[str, Any]]:
+    """Per wrapped module, the values PEFT stored for the active adapter."""
+    out: dict[str, dict[str, Any]] = {}
+    prefix = "base_model.model."
+    for name, module in peft_model.named_modules():
+        if not hasattr(module, "base_layer"):
+            continue
+        values = {}
+        for attr in attrs:
+            stored = getattr(module, attr, None)
+            if isinstance(stored, dict) and "default" in stored:
+                values[attr] = stored["default"]
+        if values:
+            out[name.removeprefix(prefix)] = values
+    return out

@@ -1,0 +1,83 @@
+"""The trial's own configuration: the only message the sweep driver sends to a trial.
+
+The sections defined here (model, data, trainer, deepspeed) are shared with the sweep
+spec, which adds grid lists and distributions on top of the concrete trainer fields.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from trials.adapters import AdapterFields, family_of
+from trials.strict import Strict
+
+
+class ModelConfig(Strict):
+    base_model: str = Field(description="Local model directory or a Hugging Face model id.")
+    trust_remote_code: bool = Field(False, description="Run the model repository's own code. Never on by default.")
+
+
+class DataConfig(Strict):
+    train: str = Field(description="Training data: .jsonl, .csv, .parquet or a saved HF datasets directory.")
+    eval: str | None = Field(None, description="Evaluation data in the same formats; or use eval_fraction.")
+    eval_fraction: float | None = Field(
+        None, gt=0, lt=1, description="Hold out this fraction of train as eval when no eval file is given (default 0.1)."
+    )
+    prompt_field: str = "prompt"
+    response_field: str = "response"
+    max_length: int = Field(256, ge=8, description="Tokens per example (prompt + response) after truncation.")
+
+    @model_validator(mode="after")
+    def _one_eval_source(self) -> DataConfig:
+        if self.eval is not None and self.eval_fraction is not None:
+            raise ValueError("give either data.eval or data.eval_fraction, not both")
+        return self
+
+
+class TrainerConfig(Strict):
+    learning_rate: float = Field(1e-4, gt=0)
+    max_steps: int = Field(100, ge=1, description="Optimizer steps.")
+    batch_size: int = Field(8, ge=1, description="Examples per worker per micro-step.")
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    eval_every: int = Field(50, ge=1, description="Evaluate (and report) every this many optimizer steps, and at the end.")
+    eval_batches: int | None = Field(None, ge=1, description="Cap evaluation at this many batches (all when unset).")
+    warmup_ratio: float = Field(0.1, ge=0, lt=1, description="Fraction of max_steps spent in linear warmup before cosine decay.")
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float = Field(1.0, ge=0, description="Gradient clipping; 0 disables it.")
+
+
+class DeepSpeedConfig(Strict):
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="auto: bf16 on GPU, fp32 on CPU.")
+
+
+class TrialConfig(Strict):
+    trial_id: str = ""
+    model: ModelConfig
+    data: DataConfig
+    adapter: AdapterFields
+    trainer: TrainerConfig = TrainerConfig()
+    seed: int = 0
+    deepspeed: DeepSpeedConfig = DeepSpeedConfig()
+
+    def content_id(self) -> str:
+        """Stable id from the trial's content (everything but the id itself)."""
+        payload = self.model_dump(mode="json", exclude={"trial_id"})
+        digest = hashlib.sha256(json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+        variant = family_of(self.adapter).variant(self.adapter).replace("+", "-")
+        return f"{variant}-{digest[:10]}"
+
+    def with_id(self) -> TrialConfig:
+        return self.model_copy(update={"trial_id": self.content_id()})
+
+    @classmethod
+    def load(cls, path: str | Path) -> TrialConfig:
+        return cls.model_validate_json(Path(path).read_text())
+
+    def dump(self, path: str | Path) -> None:
+        Path(path).write_text(self.model_dump_json(indent=2) + "\n")

@@ -1,0 +1,351 @@
+"""A tiny pretrained Llama and a downstream task, built locally so nothing comes from the hub.
+
+The pretraining corpus is a mixture of symbolic string/number operations written as
+``"<op> <args> =" + " <result>"``. The downstream task, ``rot1`` (shift each letter by one,
+z wraps to a), uses the same characters and format but never appears in pretraining, so
+the base model starts out poor at it and an adapter has something measurable to learn.
+
+The tokenizer is character-level: a prompt and its response tokenize to the same ids
+whether joined or apart, so a trial's prompt/response split never depends on merges.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import shutil
+import string
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from random import Random
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerFast
+
+# Bump whenever the corpus, task, tokenizer, architecture or training recipe changes:
+# it names the cache directory, so stale builds are never reused.
+TINY_VERSION = "1"
+
+PAD, UNK, BOS, EOS = "<pad>", "<unk>", "<s>", "</s>"
+SPECIAL_TOKENS = (PAD, UNK, BOS, EOS)
+# Punctuation and newline are not used by the corpus, but keeping them in the vocabulary
+# means user data with ordinary text tokenizes without a wall of <unk>.
+CHARACTERS = " =" + string.digits + string.ascii_lowercase + string.ascii_uppercase + "\n" + string.punctuation.replace("=", "")
+
+MAX_POSITIONS = 256
+ARCH: dict[str, Any] = dict(
+    hidden_size=128,
+    intermediate_size=384,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=MAX_POSITIONS,
+)
+
+DEFAULT_STEPS = 500
+QUICK_STEPS = 3
+BLOCK = 128
+BATCH = 32
+QUICK_BATCH = 4
+LR = 3e-3
+WARMUP = 50
+
+TASK_NAME = "rot1"
+WORD_MIN, WORD_MAX = 3, 8
+
+
+# --- corpus and task ------------------------------------------------------------------
+
+
+def _word(rng: Random, lo: int = 1, hi: int = WORD_MAX, alphabet: str = string.ascii_lowercase) -> str:
+    return "".join(rng.choice(alphabet) for _ in range(rng.randint(lo, hi)))
+
+
+def _pretrain_example(rng: Random) -> tuple[str, str]:
+    """One (prompt, response) pair from the pretraining mixture."""
+    op = rng.choice(("copy", "reverse", "upper", "lower", "sort", "add", "len"))
+    if op == "copy":
+        w = _word(rng)
+        return f"copy {w} =", f" {w}"
+    if op == "reverse":
+        w = _word(rng)
+        return f"reverse {w} =", f" {w[::-1]}"
+    if op == "upper":
+        w = _word(rng)
+        return f"upper {w} =", f" {w.upper()}"
+    if op == "lower":
+        w = _word(rng, alphabet=string.ascii_uppercase)
+        return f"lower {w} =", f" {w.lower()}"
+    if op == "sort":
+        digits = [rng.randint(0, 9) for _ in range(rng.randint(2, 6))]
+        return f"sort {' '.join(map(str, digits))} =", f" {' '.join(map(str, sorted(digits)))}"
+    if op == "add":
+        # Mostly one-digit operands: the tiny model can actually learn those, and two-digit
+        # ones still teach it what numbers look like.
+        hi = 9 if rng.random() < 0.7 else 99
+        a, b = rng.randint(0, hi), rng.randint(0, hi)
+        return f"add {a} {b} =", f" {a + b}"
+    w = _word(rng)
+    return f"len {w} =", f" {len(w)}"
+
+
+def _rot1(word: str) -> str:
+    return "".join(chr((ord(c) - ord("a") + 1) % 26 + ord("a")) for c in word)
+
+
+def task_examples(seed: int = 0, n_train: int = 2000, n_eval: int = 200) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
+    """Train and eval examples of the downstream task; eval words never occur in train."""
+    if n_train < 0 or n_eval < 0:
+        raise ValueError("n_train and n_eval must be >= 0")
+    # A string seed keeps this stream apart from the pretraining corpus's for the same seed.
+    rng = Random(f"tiny-task:{seed}")
+    possible = sum(26**k for k in range(WORD_MIN, WORD_MAX + 1))
+    if n_train + n_eval > possible // 2:
+        raise ValueError(f"at most {possible // 2} distinct examples are available")
+    seen: set[str] = set()
+    words: list[str] = []
+    while len(words) < n_train + n_eval:
+        w = _word(rng, WORD_MIN, WORD_MAX)
+        if w not in seen:
+            seen.add(w)
+            words.append(w)
+    rows = [{"prompt": f"{TASK_NAME} {w} =", "response": f" {_rot1(w)}"} for w in words]
+    return rows[:n_train], rows[n_train:]
+
+
+def write_task(out_dir: str | Path, *, seed: int = 0, n_train: int = 2000, n_eval: int = 200) -> dict[str, Path]:
+    """Write ``train.jsonl`` and ``eval.jsonl`` (fields ``prompt``, ``response``; no EOS)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    train, eval_ = task_examples(seed, n_train, n_eval)
+    paths = {"train": out / "train.jsonl", "eval": out / "eval.jsonl"}
+    for split, rows in (("train", train), ("eval", eval_)):
+        # Fixed key order and newline handling so a seed always gives identical bytes.
+        text = "".join(json.dumps(r, ensure_ascii=True) + "\n" for r in rows)
+        paths[split].write_bytes(text.encode("ascii"))
+    return paths
+
+
+# --- tokenizer and model --------------------------------------------------------------
+
+
+def build_tokenizer() -> PreTrainedTokenizerFast:
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {tok: i for i, tok in enumerate((*SPECIAL_TOKENS, *CHARACTERS))}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token=UNK))
+    # Every character, newline included (so not "."), is its own "word".
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    # Llama tokenizers prepend BOS and leave EOS to the caller; match that.
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, vocab[BOS])]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token=BOS,
+        eos_token=EOS,
+        pad_token=PAD,
+        unk_token=UNK,
+        model_max_length=MAX_POSITIONS,
+    )
+
+
+def model_config(tokenizer: PreTrainedTokenizerFast):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+        **ARCH,
+    )
+
+
+def _pretrain_blocks(rng: Random, tokenizer: PreTrainedTokenizerFast, block: int) -> Iterator[list[int]]:
+    """Endless blocks of ``block`` ids, each starting at an example's BOS so position 0
+    looks like it will in a fine-tuning example; packing keeps CPU steps free of padding."""
+    eos = tokenizer.eos_token_id
+    while True:
+        ids: list[int] = []
+        while len(ids) < block:
+            prompt, response = _pretrain_example(rng)
+            ids += tokenizer(prompt + response)["input_ids"] + [eos]
+        yield ids[:block]
+
+
+@contextlib.contextmanager
+def _torch_threads(n: int) -> Iterator[None]:
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def build_base_model(
+    out_dir: str | Path, *, seed: int = 0, steps: int = DEFAULT_STEPS, quick: bool = False, threads: int = 2
+) -> Path:
+    """Pretrain the tiny Llama on the generated corpus and save it (fp32 safetensors) with
+    its tokenizer and a ``tiny_build.json`` record of how it was built.
+
+    ``quick`` keeps the architecture but trains only a few small steps, for tests.
+    """
+    import torch
+    from transformers import LlamaForCausalLM
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if quick:
+        steps = min(steps, QUICK_STEPS)
+    batch = QUICK_BATCH if quick else BATCH
+    started = time.perf_counter()
+    tokenizer = build_tokenizer()
+    rng = Random(f"tiny-corpus:{seed}")
+    losses: list[float] = []
+    # fork_rng: seeding must not disturb the caller's torch RNG stream.
+    with torch.random.fork_rng(devices=[]), _torch_threads(threads):
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(model_config(tokenizer)).to(torch.float32)
+        model.train()
+        opt = torch.optim.AdamW(model.parameters(), lr=LR, betas=(0.9, 0.95), weight_decay=0.01)
+
+        def lr_at(step: int) -> float:
+            if step < WARMUP:
+                return (step + 1) / WARMUP
+            progress = (step - WARMUP) / max(1, steps - WARMUP)
+            return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+        blocks = _pretrain_blocks(rng, tokenizer, BLOCK)
+        for _ in range(steps):
+            ids = torch.tensor([next(blocks) for _ in range(batch)])
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+        model.eval()
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+        model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    tail = losses[-20:]
+    record = {
+        "version": TINY_VERSION,
+        "seed": seed,
+        "steps": steps,
+        "quick": quick,
+        "batch": batch,
+        "block": BLOCK,
+        "params": sum(p.numel() for p in model.parameters()),
+        "final_loss": sum(tail) / len(tail) if tail else None,
+        "build_seconds": round(time.perf_counter() - started, 2),
+        "task": TASK_NAME,
+    }
+    (out / "tiny_build.json").write_text(json.dumps(record, indent=2) + "\n")
+    return out
+
+
+# --- cache ----------------------------------------------------------------------------
+
+
+def default_cache_root() -> Path:
+    env = os.environ.get("PEFT_SWEEP_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "peft-sweep"
+
+
+@contextlib.contextmanager
+def _exclusive(lock_path: Path) -> Iterator[None]:
+    """Hold an advisory lock so concurrent callers wait instead of building twice; the
+    temp-dir-then-rename below keeps the result correct even where locks don't work."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX
+        yield
+        return
+    with open(lock_path, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def ensure_tiny(cache_dir: str | Path | None = None, *, quick: bool = False) -> Path:
+    """The cached tiny model directory, building it on first use.
+
+    ``cache_dir`` is the root (default ``$PEFT_SWEEP_CACHE`` or ``~/.cache/peft-sweep``);
+    the model lives in ``tiny-llama[-quick]-v<version>`` under it, and the downstream task
+    in its ``task/`` subdirectory (``train.jsonl``, ``eval.jsonl``).
+    """
+    root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_root()
+    name = f"tiny-llama{'-quick' if quick else ''}-v{TINY_VERSION}"
+    target = root / name
+    if target.is_dir():
+        return target
+    root.mkdir(parents=True, exist_ok=True)
+    with _exclusive(root / f".{name}.lock"):
+        if target.is_dir():
+            return target
+        tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=root))
+        try:
+            build_base_model(tmp, quick=quick)
+            write_task(tmp / "task")
+            try:
+                os.replace(tmp, target)
+            except OSError:
+                # Another builder (one the lock could not see) finished first; its copy is
+                # equivalent, so keep it.
+                if not target.is_dir():
+                    raise
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+# --- CLI ------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m trials.tiny", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    b = sub.add_parser("build", help="Build (or reuse) the tiny pretrained model and its task; print the model path.")
+    b.add_argument("--out", type=Path, help="Build into this directory instead of the cache (always rebuilds).")
+    b.add_argument("--quick", action="store_true", help="A few training steps only (seconds; for tests).")
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--steps", type=int, default=DEFAULT_STEPS)
+    t = sub.add_parser("task", help="Write train.jsonl and eval.jsonl of the downstream task; print the directory.")
+    t.add_argument("--out", type=Path, required=True)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--n-train", type=int, default=2000)
+    t.add_argument("--n-eval", type=int, default=200)
+    args = parser.parse_args(argv)
+    if args.command == "build":
+        if args.out is None:
+            print(ensure_tiny(quick=args.quick))
+        else:
+            out = build_base_model(args.out, seed=args.seed, steps=args.steps, quick=args.quick)
+            write_task(out / "task", seed=args.seed)
+            print(out)
+    else:
+        write_task(args.out, seed=args.seed, n_train=args.n_train, n_eval=args.n_eval)
+        print(args.out)
+
+
+if __name__ == "__main__":
+    main()
