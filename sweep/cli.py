@@ -9,6 +9,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from sweep.spec import SpecError
@@ -28,7 +29,7 @@ EXIT_USER_ERROR = 2
 def fail(lines: list[str]) -> None:
     """Report user mistakes one per line and exit 2: nothing has been launched."""
     for line in lines:
-        err.print(f"[bold red]error[/] {line}", highlight=False, soft_wrap=True)
+        err.print(f"[bold red]error[/] {escape(line)}", highlight=False, soft_wrap=True)
     raise typer.Exit(EXIT_USER_ERROR)
 
 
@@ -62,7 +63,7 @@ def plan(
     if result.rejected and not skip_invalid:
         fail([f"{r.where}: {line}" for r in result.rejected for line in r.lines])
     for r in result.rejected:
-        err.print(f"[yellow]skipped[/] {r.where}: {'; '.join(r.lines)}", highlight=False, soft_wrap=True)
+        err.print(f"[yellow]skipped[/] {escape(r.where)}: {escape('; '.join(r.lines))}", highlight=False, soft_wrap=True)
     if write_trials is not None:
         write_trials.mkdir(parents=True, exist_ok=True)
         for t in result.trials:
@@ -90,7 +91,7 @@ def plan(
     out.print(f"base model parameters: {result.base_params:,}")
     for t in result.trials:
         for w in t.warnings:
-            out.print(f"[yellow]warning[/] {t.trial.trial_id}: {w}", highlight=False, soft_wrap=True)
+            out.print(f"[yellow]warning[/] {t.trial.trial_id}: {escape(w)}", highlight=False, soft_wrap=True)
     if write_trials is not None:
         out.print(f"wrote {len(result.trials)} trial files to {write_trials}")
 

@@ -104,12 +104,21 @@ class ModelShapes:
             issues.append(Issue("type", f"PEFT rejects this config: {err}"))
             config = None
         if config is not None:
-            try:
-                trainable, targets = self._wrap(config, family, adapter)
-            except (ValueError, RuntimeError, TypeError, KeyError) as err:
-                issues.append(_wrap_issue(err))
-        if targets:
-            issues.extend(family.check_shapes(adapter, targets))
+            model = self._meta_model()
+            targets = matched_targets(model, config)
+            if not targets:
+                issues.append(
+                    Issue("target_modules", f"{config.target_modules} match no module of the base model",
+                          "name modules that exist in the base model, e.g. q_proj, v_proj")
+                )
+            else:
+                issues.extend(family.check_shapes(adapter, targets))
+            # Our own shape errors are clearer than what PEFT raises for the same mistake.
+            if targets and not any(i.severity == "error" for i in issues):
+                try:
+                    trainable = self._count(model, config, family, adapter, targets)
+                except (ValueError, RuntimeError, TypeError, KeyError) as err:
+                    issues.append(_wrap_issue(err))
         return AdapterCheck(
             trainable=trainable,
             errors=tuple(i.line() for i in issues if i.severity == "error"),
@@ -117,22 +126,16 @@ class ModelShapes:
             targets=len(targets),
         )
 
-    def _wrap(self, config: Any, family: Any, adapter: Any) -> tuple[int, list[TargetShape]]:
+    def _count(self, model: Any, config: Any, family: Any, adapter: Any, targets: list[TargetShape]) -> int:
         from peft import get_peft_model
 
-        model = self._meta_model()
-        matched = matched_targets(model, config)
-        if not matched:
-            raise ValueError(f"Target modules {config.target_modules} not found in the base model")
-        counted = family.count_trainable(adapter, matched)
+        counted = family.count_trainable(adapter, targets)
         if counted is not None:
-            return counted, matched
+            return counted
         with warnings.catch_warnings():
-            # PEFT's shrink-and-warn paths are exactly what check_shapes reports as errors.
             warnings.simplefilter("ignore")
             peft_model = get_peft_model(model, config)
-        trainable, _ = peft_model.get_nb_trainable_parameters()
-        return trainable, matched
+        return peft_model.get_nb_trainable_parameters()[0]
 
 
 def matched_targets(model: Any, config: Any) -> list[TargetShape]:

@@ -62,6 +62,16 @@ class Calibration:
     batches: list[dict[str, torch.Tensor]]
 
 
+def common_dim(targets: list[TargetShape]) -> int:
+    """The largest size dividing every in and out dimension of the targets."""
+    import math
+
+    g = 0
+    for t in targets:
+        g = math.gcd(g, math.gcd(t.in_features, t.out_features))
+    return g
+
+
 def divisors_hint(n: int, near: int) -> str:
     divs = [d for d in range(1, n + 1) if n % d == 0]
     best = sorted(divs, key=lambda d: (abs(d - near), d))[:3]

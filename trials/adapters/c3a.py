@@ -1,11 +1,10 @@
 from __future__ import annotations
 
-import math
 from typing import Literal
 
 from pydantic import Field
 
-from trials.adapters.base import AdapterFamily, FamilyFields, Issue, TargetShape, divisors_hint
+from trials.adapters.base import AdapterFamily, FamilyFields, Issue, TargetShape, common_dim, divisors_hint
 
 
 class C3aFields(FamilyFields):
@@ -30,10 +29,10 @@ class C3a(AdapterFamily):
         issues = []
         for t in targets:
             if t.in_features % f.block_size or t.out_features % f.block_size:
-                g = math.gcd(t.in_features, t.out_features)
+                g = common_dim(targets)
                 issues.append(
                     Issue("block_size", f"{f.block_size} does not divide both in={t.in_features} and out={t.out_features} of {t.name}",
-                          f"use a divisor of {g}, e.g. {divisors_hint(g, f.block_size)}")
+                          f"use a divisor of {g} (it must divide every target), e.g. {divisors_hint(g, f.block_size)}")
                 )
                 break
         issues.append(

@@ -28,13 +28,12 @@ class Hra(AdapterFamily):
 
     def check_shapes(self, f: HraFields, targets: list[TargetShape]) -> list[Issue]:
         issues = []
-        for t in targets:
-            if f.r > t.in_features:
-                issues.append(
-                    Issue("r", f"{f.r} reflections exceed in_features={t.in_features} of {t.name}",
-                          f"use r <= {t.in_features}")
-                )
-                break
+        smallest = min(targets, key=lambda t: t.in_features)
+        if f.r > smallest.in_features:
+            issues.append(
+                Issue("r", f"{f.r} reflections exceed in_features={smallest.in_features} of {smallest.name}",
+                      f"use r <= {smallest.in_features}")
+            )
         if f.r % 2 and not f.apply_GS:
             # HRA pairs identical reflections so they cancel at init; an odd count leaves one over.
             issues.append(

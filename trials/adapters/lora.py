@@ -132,20 +132,24 @@ class Lora(AdapterFamily):
                         )
                     )
         if _init_kind(f.init_lora_weights) in ("pissa", "corda", "olora"):
-            for t in targets:
-                rank = f.r
-                for key, value in f.rank_pattern.items():
-                    if re.match(rf"(.*\.)?({key})$", t.name):
-                        rank = value
-                        break
-                if rank > min(t.in_features, t.out_features):
-                    issues.append(
-                        Issue("r", f"rank {rank} exceeds min(in, out)={min(t.in_features, t.out_features)} of {t.name}, "
-                              f"and {f.init_lora_weights} initializes from its singular vectors",
-                              f"use r <= {min(t.in_features, t.out_features)}")
-                    )
-                    break
+            too_big = [(t, self._rank_of(f, t.name)) for t in targets]
+            too_big = [(t, r) for t, r in too_big if r > min(t.in_features, t.out_features)]
+            if too_big:
+                t, rank = min(too_big, key=lambda tr: min(tr[0].in_features, tr[0].out_features))
+                limit = min(t.in_features, t.out_features)
+                field_name = "r" if rank == f.r else "rank_pattern"
+                issues.append(
+                    Issue(field_name, f"rank {rank} exceeds min(in, out)={limit} of {t.name}, "
+                          f"and {f.init_lora_weights} initializes from its singular vectors", f"use r <= {limit}")
+                )
         return issues
+
+    @staticmethod
+    def _rank_of(f: LoraFields, module: str) -> int:
+        for key, value in f.rank_pattern.items():
+            if re.match(rf"(.*\.)?({key})$", module):
+                return value
+        return f.r
 
     def runtime_requirements(self, f: LoraFields) -> list[str]:
         if f.init_lora_weights != "loftq":

@@ -29,10 +29,11 @@ class Tinylora(AdapterFamily):
                               task_type="CAUSAL_LM")
 
     def check_shapes(self, f: TinyloraFields, targets: list[TargetShape]) -> list[Issue]:
-        for t in targets:
-            if f.r > min(t.in_features, t.out_features):
-                return [
-                    Issue("r", f"{f.r} exceeds min(in, out)={min(t.in_features, t.out_features)} of {t.name} "
-                          "(PEFT would silently clamp it)", f"use r <= {min(t.in_features, t.out_features)}")
-                ]
+        smallest = min(targets, key=lambda t: min(t.in_features, t.out_features))
+        limit = min(smallest.in_features, smallest.out_features)
+        if f.r > limit:
+            return [
+                Issue("r", f"{f.r} exceeds min(in, out)={limit} of {smallest.name} (PEFT would silently clamp it)",
+                      f"use r <= {limit}")
+            ]
         return []

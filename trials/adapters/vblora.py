@@ -4,7 +4,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from trials.adapters.base import AdapterFamily, FamilyFields, Issue, TargetShape, divisors_hint
+from trials.adapters.base import AdapterFamily, FamilyFields, Issue, TargetShape, common_dim, divisors_hint
 
 
 class VbloraFields(FamilyFields):
@@ -47,6 +47,7 @@ class Vblora(AdapterFamily):
                 if dim % f.vector_length:
                     return [
                         Issue("vector_length", f"{f.vector_length} does not divide {side}={dim} of {t.name}",
-                              f"use a common divisor of the target dims, e.g. {divisors_hint(dim, f.vector_length)}")
+                              f"use a divisor of {common_dim(targets)} (it must divide every target dim), "
+                              f"e.g. {divisors_hint(common_dim(targets), f.vector_length)}")
                     ]
         return []

@@ -58,11 +58,11 @@ class Waveft(AdapterFamily):
         return f.n_frequency * len(targets)
 
     def check_shapes(self, f: WaveftFields, targets: list[TargetShape]) -> list[Issue]:
-        for t in targets:
-            if f.n_frequency > t.in_features * t.out_features:
-                return [
-                    Issue("n_frequency", f"{f.n_frequency} exceeds the {t.in_features}x{t.out_features}="
-                          f"{t.in_features * t.out_features} weights of {t.name}",
-                          f"use n_frequency <= {t.in_features * t.out_features}")
-                ]
+        smallest = min(targets, key=lambda t: t.in_features * t.out_features)
+        size = smallest.in_features * smallest.out_features
+        if f.n_frequency > size:
+            return [
+                Issue("n_frequency", f"{f.n_frequency} exceeds the {smallest.in_features}x{smallest.out_features}={size} "
+                      f"weights of {smallest.name}", f"use n_frequency <= {size}")
+            ]
         return []

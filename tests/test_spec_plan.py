@@ -1,0 +1,265 @@
+"""The strict spec, expansion and shape preflight, through the real `sweep` CLI."""
+
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from sweep.cli import app
+from sweep.expand import expand
+from sweep.plan import make_plan
+from sweep.spec import SpecError, load_spec
+from trials.config import TrialConfig
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    """A small Llama config (no weights): q_proj 64x64, k/v_proj 64->32, mlp 64<->128."""
+    from transformers import LlamaConfig
+
+    path = tmp_path_factory.mktemp("small-llama")
+    LlamaConfig(
+        vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+    ).save_pretrained(path)
+    return path
+
+
+def write_spec(tmp_path: Path, model_dir: Path, adapters: list[dict], **extra) -> Path:
+    (tmp_path / "train.jsonl").write_text('{"prompt": "a", "response": " b"}\n')
+    spec = {
+        "name": "t",
+        "model": {"base_model": str(model_dir)},
+        "data": {"train": "train.jsonl"},
+        "search": {"seeds": [0], "adapters": adapters},
+    }
+    for key, value in extra.items():
+        if key in spec and isinstance(value, dict):
+            spec[key].update(value)
+        else:
+            spec[key] = value
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def plan_cli(path: Path, *args: str):
+    return runner.invoke(app, ["plan", str(path), *args])
+
+
+def assert_user_error(result, *needles: str) -> None:
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    for needle in needles:
+        assert needle in result.output, result.output
+
+
+@pytest.mark.parametrize(
+    ("adapter", "field", "fix"),
+    [
+        ({"type": "vblora", "r": 4, "num_vectors": 8, "vector_length": 24}, "adapter.vector_length", "divisor"),
+        ({"type": "c3a", "block_size": 24}, "adapter.block_size", "divisor of 32"),
+        ({"type": "oft", "oft_block_size": 24}, "adapter.oft_block_size", "divisor of 64"),
+        ({"type": "oft", "r": 3}, "adapter.r", "divisor of 64"),
+        ({"type": "waveft", "n_frequency": 5000}, "adapter.n_frequency", "n_frequency <= 2048"),
+        ({"type": "tinylora", "r": 40}, "adapter.r", "r <= 32"),
+        ({"type": "hra", "r": 80}, "adapter.r", "r <= 64"),
+        ({"type": "lora", "rank_pattern": {"layers\\.7\\.q_proj": 4}}, "adapter.rank_pattern", "matches none"),
+        ({"type": "lora", "alpha_pattern": {"nope": 4}}, "adapter.alpha_pattern", "matches none"),
+        ({"type": "lora", "target_modules": ["qkv_proj"]}, "adapter.target_modules", "exist in the base model"),
+        ({"type": "lora", "init_lora_weights": "loftq"}, "adapter.init_lora_weights", "gpus_per_worker"),
+        ({"type": "lora", "init_lora_weights": "corda"}, "adapter.target_modules", "target_modules: [q_proj, v_proj]"),
+        ({"type": "lora", "r": 48, "init_lora_weights": "pissa"}, "adapter.r", "r <= 32"),
+    ],
+)
+def test_shape_constraints_are_plan_errors(tmp_path, model_dir, adapter, field, fix):
+    result = plan_cli(write_spec(tmp_path, model_dir, [adapter]))
+    assert_user_error(result, field, fix)
+
+
+@pytest.mark.parametrize(
+    ("adapters", "needles"),
+    [
+        ([{"type": "oft", "r": 4, "oft_block_size": 16}], ["search.adapters[0]", "exactly one of r"]),
+        ([{"type": "oft"}], ["exactly one of r"]),
+        ([{"type": "waveft", "r": 8, "alpha": 16}], ["unknown key 'r'", "n_frequency", "scaling"]),
+        ([{"type": "lora", "alpah": 8}], ["search.adapters[0]", "did you mean 'alpha'"]),
+        ([{"type": "lorra"}], ["unknown type 'lorra'", "did you mean 'lora'"]),
+        ([{"type": "lora", "r": "eight"}], ["search.adapters[0].r", "valid integer"]),
+        ([{"type": "lora", "init_lora_weights": "pisa"}], ["init_lora_weights", "pissa_niter_N"]),
+        ([{"type": "vblora", "num_vectors": 2, "topk": 4}], ["topk", "num_vectors"]),
+        ([{"type": "waveft", "wavelet_family": "haar9"}], ["wavelet_family", "db1"]),
+    ],
+)
+def test_spec_errors_name_the_field(tmp_path, model_dir, adapters, needles):
+    assert_user_error(plan_cli(write_spec(tmp_path, model_dir, adapters)), *needles)
+
+
+def test_top_level_mistakes(tmp_path, model_dir):
+    path = write_spec(tmp_path, model_dir, [{"type": "lora"}], trainer={"lr": 1})
+    assert_user_error(plan_cli(path), "unknown key 'trainer'", "did you mean")
+    path = write_spec(tmp_path, model_dir, [{"type": "lora"}], data={"max_lenght": 9})
+    assert_user_error(plan_cli(path), "data: unknown key 'max_lenght'", "did you mean 'max_length'")
+    path = write_spec(tmp_path, model_dir, [{"type": "lora"}], data={"train": "missing.jsonl"})
+    assert_user_error(plan_cli(path), "data.train: file not found")
+    path = write_spec(tmp_path, model_dir, [{"type": "lora"}], model={"base_model": str(tmp_path / "nope")})
+    assert_user_error(plan_cli(path), "model.base_model")
+    path = write_spec(tmp_path, model_dir, [{"type": "lora"}], model={"base_model": "no-such-org/no-such-model"})
+    assert_user_error(plan_cli(path), "model.base_model", "local")
+    path = write_spec(
+        tmp_path, model_dir, [{"type": "lora"}],
+        search={"trainer": {"learning_rate": {"distribution": "loguniform", "low": 1e-5, "high": 1e-3}}},
+    )
+    assert_user_error(plan_cli(path), "search.trainer.learning_rate is a distribution", "strategy: random/optuna")
+    (tmp_path / "bad.yaml").write_text("name: x\nsearch: [\n")
+    assert_user_error(plan_cli(tmp_path / "bad.yaml"), "malformed YAML", "line")
+    assert_user_error(plan_cli(tmp_path / "absent.yaml"), "file not found")
+
+
+def test_all_problems_reported_at_once(tmp_path, model_dir):
+    adapters = [{"type": "c3a", "block_size": [16, 24]}, {"type": "vblora", "vector_length": 24, "num_vectors": 8}]
+    result = plan_cli(write_spec(tmp_path, model_dir, adapters))
+    assert_user_error(result, "adapter.block_size", "adapter.vector_length")
+    # the valid combination is not reported
+    assert result.output.count("error") == 2
+
+
+def test_skip_invalid_and_write_trials(tmp_path, model_dir):
+    adapters = [{"type": "c3a", "block_size": [16, 24]}, {"type": "lora", "r": [4, 8]}]
+    out = tmp_path / "trials"
+    result = plan_cli(write_spec(tmp_path, model_dir, adapters), "--skip-invalid", "--write-trials", str(out))
+    assert result.exit_code == 0, result.output
+    assert "skipped" in result.output and "block_size" in result.output
+    files = sorted(out.glob("*.json"))
+    assert len(files) == 3
+    trials = [TrialConfig.load(f) for f in files]
+    assert {f.stem for f in files} == {t.trial_id for t in trials}
+    assert all(Path(t.data.train).is_absolute() for t in trials)
+
+
+def test_loftq_allowed_when_gpus_declared(tmp_path, model_dir):
+    path = write_spec(tmp_path, model_dir, [{"type": "lora", "init_lora_weights": "loftq"}], resources={"gpus_per_worker": 1})
+    result = plan_cli(path, "--json")
+    assert result.exit_code == 0, result.output
+    plan = json.loads(result.output)
+    assert [t["variant"] for t in plan["trials"]] == ["lora+loftq"]
+
+
+def test_hra_odd_rank_is_a_warning(tmp_path, model_dir):
+    result = plan_cli(write_spec(tmp_path, model_dir, [{"type": "hra", "r": 3}]))
+    assert result.exit_code == 0, result.output
+    assert "not identity at init" in result.output
+
+
+def test_grid_expansion_and_per_adapter_trainer(tmp_path, model_dir):
+    adapters = [
+        {"type": "lora", "r": [4, 8], "init_lora_weights": ["default", "pissa"]},
+        {"type": "c3a", "block_size": 16, "trainer": {"learning_rate": 0.3}},
+    ]
+    path = write_spec(tmp_path, model_dir, adapters, search={"seeds": [0, 1], "trainer": {"learning_rate": [1e-4, 1e-3]}})
+    spec, spec_dir = load_spec(path)
+    trials = expand(spec, spec_dir).trials
+    assert len(trials) == 2 * 2 * 2 * 2 + 1 * 2
+    assert {t.trainer.learning_rate for t in trials if t.adapter.type == "c3a"} == {0.3}
+    assert len({t.trial_id for t in trials}) == len(trials)
+    # duplicates collapse: the same value twice is one trial
+    path = write_spec(tmp_path, model_dir, [{"type": "lora", "r": [8, 8]}])
+    assert len(expand(*load_spec(path)).trials) == 1
+
+
+def test_ids_are_stable_across_folders(tmp_path, model_dir):
+    a_dir = tmp_path / "a"
+    a_dir.mkdir()
+    a = write_spec(a_dir, model_dir, [{"type": "lora", "r": [4, 8]}])
+    b_dir = tmp_path / "b"
+    b_dir.mkdir()
+    b = write_spec(b_dir, model_dir, [{"type": "lora", "r": [4, 8]}])
+    ids_a = [t.trial_id for t in expand(*load_spec(a)).trials]
+    ids_b = [t.trial_id for t in expand(*load_spec(b)).trials]
+    assert ids_a == ids_b
+    assert ids_a[0].startswith("lora-")
+
+
+def test_random_strategy_is_seeded_locally(tmp_path, model_dir):
+    search = {
+        "strategy": "random", "num_samples": 5, "seeds": [0],
+        "trainer": {"learning_rate": {"distribution": "loguniform", "low": 1e-5, "high": 1e-2}},
+    }
+    path = write_spec(tmp_path, model_dir, [{"type": "lora", "r": [4, 8, 16]}], search=search)
+    random.seed(123)
+    before = random.random()
+    random.seed(123)
+    first = [t.trial_id for t in expand(*load_spec(path)).trials]
+    assert random.random() == before  # the global RNG was not touched
+    second = [t.trial_id for t in expand(*load_spec(path)).trials]
+    assert first == second and len(first) == 5
+    lrs = [t.trainer.learning_rate for t in expand(*load_spec(path)).trials]
+    assert all(1e-5 <= lr <= 1e-2 for lr in lrs) and len(set(lrs)) == 5
+
+
+ALL_FAMILIES = [
+    {"type": "lora", "r": 8, "alpha": 16, "target_modules": ["q_proj", "v_proj"]},
+    {"type": "lora", "r": 4, "init_lora_weights": "pissa", "rank_pattern": {"layers\\.0\\.self_attn\\.q_proj": 8}},
+    {"type": "lora", "r": 4, "init_lora_weights": "corda", "target_modules": ["q_proj", "v_proj"]},
+    {"type": "ln_tuning"},
+    {"type": "oft", "oft_block_size": 16},
+    {"type": "hra", "r": 8},
+    {"type": "waveft", "n_frequency": 64},
+    {"type": "vblora", "r": 4, "num_vectors": 16, "vector_length": 16},
+    {"type": "c3a", "block_size": 16},
+    {"type": "tinylora", "r": 2, "u": 16},
+]
+
+
+def test_plan_counts_equal_peft_on_the_real_model(tmp_path, model_dir):
+    import torch
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from trials.adapters import Calibration, family_of
+
+    spec, spec_dir = load_spec(write_spec(tmp_path, model_dir, ALL_FAMILIES))
+    plan = make_plan(spec, spec_dir)
+    assert plan.ok and len(plan.trials) == len(ALL_FAMILIES)
+    base_total = sum(p.numel() for p in AutoModelForCausalLM.from_config(load_config(model_dir)).parameters())
+    for t in plan.trials:
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(load_config(model_dir))
+        fam = family_of(t.trial.adapter)
+        calib = Calibration([{"input_ids": torch.randint(0, 96, (1, 8))} for _ in range(2)])
+        peft_model = fam.wrap(model, t.trial.adapter, calib) if fam.needs_calibration(t.trial.adapter) else get_peft_model(model, fam.peft_config(t.trial.adapter))
+        trainable, _ = peft_model.get_nb_trainable_parameters()
+        assert t.trainable == trainable, (t.trial.trial_id, t.trainable, trainable)
+        assert t.base_params == base_total
+        assert t.percent == pytest.approx(100 * trainable / base_total)
+
+
+def load_config(path):
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(path)
+
+
+def test_schema_command():
+    result = runner.invoke(app, ["schema"])
+    assert result.exit_code == 0
+    schema = json.loads(result.output)
+    assert "search" in schema["properties"]
+
+
+def test_cli_process_exit_code_and_no_traceback(tmp_path, model_dir):
+    """The installed console script, as a user runs it."""
+    path = write_spec(tmp_path, model_dir, [{"type": "c3a", "block_size": 24}])
+    proc = subprocess.run([sys.executable, "-m", "sweep", "plan", str(path)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    assert "adapter.block_size" in proc.stderr and "Traceback" not in proc.stderr + proc.stdout

@@ -1,0 +1,68 @@
+"""Metric names, units and directions, and the callback interface a trial reports through.
+
+`trials` knows nothing of Ray or MLflow: the sweep side passes a Reporter that forwards
+these to wherever they belong.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol
+
+
+@dataclass(frozen=True)
+class Metric:
+    unit: str
+    goal: Literal["minimize", "maximize", "none"]
+    description: str
+
+
+METRICS: dict[str, Metric] = {
+    "train_loss": Metric("nats/token", "minimize", "mean cross-entropy of response tokens over the optimizer step"),
+    "learning_rate": Metric("1", "none", "learning rate at the step"),
+    "eval_loss": Metric("nats/token", "minimize", "mean cross-entropy of eval response tokens"),
+    "eval_perplexity": Metric("1", "minimize", "exp(eval_loss)"),
+    "eval_token_accuracy": Metric("fraction", "maximize", "greedy next-token accuracy on eval response tokens"),
+    "eval_loss_before": Metric("nats/token", "minimize", "eval_loss of the wrapped model before training"),
+    "tokens_per_s": Metric("tokens/s", "maximize", "trained tokens (all workers, padding excluded) per second of training"),
+    "s_per_step": Metric("s", "minimize", "mean wall seconds per optimizer step"),
+    "peak_memory_mb": Metric("MiB", "minimize", "peak CUDA memory allocated, or peak RSS on CPU, of rank 0"),
+    "trainable_params": Metric("params", "minimize", "parameters with requires_grad after wrapping"),
+    "total_params": Metric("params", "none", "all parameters of the wrapped model"),
+    "trainable_percent": Metric("%", "minimize", "100 * trainable_params / base model parameters"),
+    "adapter_bytes": Metric("bytes", "minimize", "size on disk of the saved adapter directory"),
+    "train_s": Metric("s", "minimize", "wall seconds of the training loop (evaluation excluded)"),
+    "setup_s": Metric("s", "minimize", "wall seconds from trial start to the first training step (model, data, DeepSpeed)"),
+    "wall_s": Metric("s", "minimize", "wall seconds of the whole trial"),
+    "step": Metric("steps", "none", "optimizer steps done"),
+}
+
+
+class Reporter(Protocol):
+    """Receives a trial's measurements. Called on every rank; implementations decide who logs."""
+
+    def on_setup(self, info: dict[str, Any]) -> None:
+        """After wrapping: static facts (trainable/total params, effective per-module values)."""
+
+    def on_step(self, step: int, metrics: dict[str, float]) -> None:
+        """After every optimizer step: cheap, local, never a cross-worker barrier."""
+
+    def on_eval(self, step: int, metrics: dict[str, float]) -> None:
+        """Every `eval_every` steps and at the end: the place to report to a scheduler."""
+
+    def on_end(self, result: dict[str, Any], out_dir: str) -> None:
+        """Once, after the adapter is saved (rank 0's out_dir holds it)."""
+
+
+class NullReporter:
+    def on_setup(self, info: dict[str, Any]) -> None:
+        pass
+
+    def on_step(self, step: int, metrics: dict[str, float]) -> None:
+        pass
+
+    def on_eval(self, step: int, metrics: dict[str, float]) -> None:
+        pass
+
+    def on_end(self, result: dict[str, Any], out_dir: str) -> None:
+        pass
