@@ -105,7 +105,16 @@ def _resolve_data(data: DataConfig, spec_dir: Path) -> DataConfig:
     return data.model_copy(update={"train": resolve(data.train), "eval": resolve(data.eval)})
 
 
-def build_trial(spec: SweepSpec, spec_dir: Path, adapter: dict[str, Any], trainer: dict[str, Any], seed: int) -> TrialConfig:
+def resolved_inputs(spec: SweepSpec, spec_dir: Path) -> dict[str, Any]:
+    """The spec's model and data with paths resolved against the spec's folder."""
+    model = ModelConfig(base_model=resolve_model(spec.model.base_model, spec_dir), trust_remote_code=spec.model.trust_remote_code)
+    return {"model": model, "data": _resolve_data(spec.data, spec_dir)}
+
+
+def build_trial(
+    spec: SweepSpec, spec_dir: Path, adapter: dict[str, Any], trainer: dict[str, Any], seed: int,
+    resolved: dict[str, Any] | None = None,
+) -> TrialConfig:
     """A TrialConfig whose id comes from the spec as written, so it is the same on any machine."""
     as_written = TrialConfig(
         model=spec.model,
@@ -115,14 +124,7 @@ def build_trial(spec: SweepSpec, spec_dir: Path, adapter: dict[str, Any], traine
         seed=seed,
         deepspeed=spec.deepspeed,
     ).with_id()
-    return as_written.model_copy(
-        update={
-            "model": ModelConfig(
-                base_model=resolve_model(spec.model.base_model, spec_dir), trust_remote_code=spec.model.trust_remote_code
-            ),
-            "data": _resolve_data(spec.data, spec_dir),
-        }
-    )
+    return as_written.model_copy(update=resolved or resolved_inputs(spec, spec_dir))
 
 
 def _sample(value: Any, rng: random.Random) -> Any:
@@ -144,10 +146,11 @@ def expand(spec: SweepSpec, spec_dir: Path) -> Expansion:
     cands, rejected = candidates(spec)
     result = Expansion(rejected=rejected, candidates=cands)
     seen: set[str] = set()
+    resolved = resolved_inputs(spec, spec_dir)
 
     def add(adapter: dict, trainer: dict, seed: int) -> None:
         try:
-            trial = build_trial(spec, spec_dir, adapter, trainer, seed)
+            trial = build_trial(spec, spec_dir, adapter, trainer, seed, resolved)
         except ValidationError as err:
             lines = [f"search.trainer.{field_path(tuple(e['loc']))}: {_clean(e['msg'])}" for e in err.errors()]
             result.rejected.append(Rejected(f"trainer {trainer}", lines))
