@@ -20,8 +20,9 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     help="Sweep PEFT adapters as DeepSpeed trials on Ray Tune, tracked in MLflow.",
 )
-out = Console()
-err = Console(stderr=True)
+# Wide when piped (CI logs, files): rich would otherwise wrap tables at 80 columns.
+out = Console(width=None if sys.stdout.isatty() else 200)
+err = Console(stderr=True, width=None if sys.stderr.isatty() else 200)
 
 EXIT_USER_ERROR = 2
 
@@ -31,16 +32,6 @@ def fail(lines: list[str]) -> None:
     for line in lines:
         err.print(f"[bold red]error[/] {escape(line)}", highlight=False, soft_wrap=True)
     raise typer.Exit(EXIT_USER_ERROR)
-
-
-def _key_params(adapter: dict) -> str:
-    skip = {"type", "target_modules", "init_lora_weights", "corda_samples", "corda_method", "loftq_bits", "loftq_iter"}
-    parts = []
-    for k, v in adapter.items():
-        if k in skip or v in (None, {}, [], False):
-            continue
-        parts.append(f"{k}={v}")
-    return " ".join(parts)
 
 
 @app.command()
@@ -75,11 +66,10 @@ def plan(
     for col in ("trial", "adapter", "key params", "lr", "seed", "trainable", "% of base"):
         table.add_column(col, justify="right" if col in ("lr", "seed", "trainable", "% of base") else "left")
     for t in result.trials:
-        adapter = t.trial.adapter.model_dump()
         table.add_row(
             t.trial.trial_id,
-            FAMILIES[adapter["type"]].variant(t.trial.adapter),
-            _key_params(adapter),
+            FAMILIES[t.trial.adapter.type].variant(t.trial.adapter),
+            FAMILIES[t.trial.adapter.type].describe(t.trial.adapter),
             f"{t.trial.trainer.learning_rate:g}",
             str(t.trial.seed),
             f"{t.trainable:,}",

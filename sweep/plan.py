@@ -205,7 +205,12 @@ def make_plan(spec: SweepSpec, spec_dir: Path, *, expansion: Expansion | None = 
         raise SpecError(problems)
     expansion = expansion or expand(spec, spec_dir)
     model_path = resolve_model(spec.model.base_model, spec_dir)
-    shapes = ModelShapes(model_path, spec.model.trust_remote_code)
+    try:
+        shapes = ModelShapes(model_path, spec.model.trust_remote_code)
+    except SpecError as e:
+        if not Path(model_path).is_absolute():
+            e.lines[0] += f" (no folder {spec_dir / spec.model.base_model} either)"
+        raise
     ctx = PlanContext(gpus=spec.resources.gpus_per_worker > 0)
 
     checks: dict[str, AdapterCheck] = {}

@@ -87,9 +87,22 @@ class AdapterFamily:
     # Per-module attributes PEFT stores on a wrapped layer, read back after wrapping so a
     # trial records the values PEFT actually used (it adjusts some silently).
     effective_attrs: ClassVar[tuple[str, ...]] = ()
+    # The fields that set the adapter's size, always shown when describing a trial.
+    key_fields: ClassVar[tuple[str, ...]] = ()
 
     def variant(self, f: FamilyFields) -> str:
         return self.name
+
+    def describe(self, f: FamilyFields) -> str:
+        """Key fields, then any other field set away from its default, as `k=v` pairs."""
+        defaults = {name: info.get_default(call_default_factory=True) for name, info in type(f).model_fields.items()}
+        parts = []
+        for name, value in f.model_dump().items():
+            if name in ("type", "target_modules") or value is None:
+                continue
+            if name in self.key_fields or value != defaults.get(name):
+                parts.append(f"{name}={value:g}" if isinstance(value, float) else f"{name}={value}")
+        return " ".join(parts)
 
     def peft_config(self, f: FamilyFields, *, for_count: bool = False) -> PeftConfig:
         """The PEFT config; `for_count` gives one that builds the same parameters without
@@ -124,6 +137,14 @@ class AdapterFamily:
 
     def needs_calibration(self, f: FamilyFields) -> bool:
         return False
+
+    def calibration_size(self, f: FamilyFields) -> int:
+        """How many batch-size-1 calibration examples `wrap` wants (when it needs calibration)."""
+        return 0
+
+    def supports_zero_stage(self, f: FamilyFields, stage: int) -> bool:
+        """Whether the trial can train under this DeepSpeed ZeRO stage."""
+        return True
 
     def ludwig(self, f: FamilyFields) -> dict[str, Any]:
         """The adapter block of a Ludwig LLM config."""

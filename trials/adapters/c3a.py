@@ -19,6 +19,7 @@ class C3a(AdapterFamily):
     best_for = "Cases where low-rank updates underfit but the budget stays small; it wants a much larger learning rate"
     approx_extra_params = "~0.2-1%"
     effective_attrs = ("block_size",)
+    key_fields = ("block_size",)
 
     def peft_config(self, f: C3aFields, *, for_count: bool = False):
         from peft import C3AConfig

@@ -20,6 +20,7 @@ class Hra(AdapterFamily):
     best_for = "OFT-style geometry preservation when the parameter budget is tight"
     approx_extra_params = "~0.3-1%"
     effective_attrs = ("hra_r",)
+    key_fields = ("r",)
 
     def peft_config(self, f: HraFields, *, for_count: bool = False):
         from peft import HRAConfig

@@ -57,6 +57,7 @@ class Lora(AdapterFamily):
     best_for = "A first baseline on any task; its initializers (pissa, corda, loftq) are variants of it"
     approx_extra_params = "~0.1-1%"
     effective_attrs = ("r", "lora_alpha", "scaling")
+    key_fields = ("r", "alpha")
 
     def variant(self, f: LoraFields) -> str:
         kind = _init_kind(f.init_lora_weights)
@@ -170,6 +171,9 @@ class Lora(AdapterFamily):
 
     def needs_calibration(self, f: LoraFields) -> bool:
         return f.init_lora_weights == "corda"
+
+    def calibration_size(self, f: LoraFields) -> int:
+        return f.corda_samples if self.needs_calibration(f) else 0
 
     def wrap(self, model, f: LoraFields, calibration: Calibration | None):
         from peft import get_peft_model

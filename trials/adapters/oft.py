@@ -29,6 +29,7 @@ class Oft(AdapterFamily):
     best_for = "Tasks where the pretrained representation geometry must survive, such as similarity and faithful generation"
     approx_extra_params = "~0.5-2%"
     effective_attrs = ("r", "oft_block_size")
+    key_fields = ("r", "oft_block_size")
 
     def peft_config(self, f: OftFields, *, for_count: bool = False):
         from peft import OFTConfig

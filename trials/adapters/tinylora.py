@@ -21,6 +21,7 @@ class Tinylora(AdapterFamily):
     best_for = "Hard caps on trainable parameters, down to a handful per layer"
     approx_extra_params = "~0.05-0.5%"
     effective_attrs = ("r", "u")
+    key_fields = ("r", "u")
 
     def peft_config(self, f: TinyloraFields, *, for_count: bool = False):
         from peft import TinyLoraConfig

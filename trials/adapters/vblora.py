@@ -28,6 +28,7 @@ class Vblora(AdapterFamily):
     best_for = "The smallest stored adapters when many layers can share update directions"
     approx_extra_params = "~0.05-0.5%"
     effective_attrs = ("r", "topk")
+    key_fields = ("r", "num_vectors", "vector_length", "topk")
 
     def peft_config(self, f: VbloraFields, *, for_count: bool = False):
         from peft import VBLoRAConfig

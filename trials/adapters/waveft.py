@@ -40,6 +40,7 @@ class Waveft(AdapterFamily):
     best_for = "Very small, locality-aware updates, e.g. models over audio or image tokens"
     approx_extra_params = "~0.5-2%"
     effective_attrs = ("waveft_n_frequency", "waveft_scaling")
+    key_fields = ("n_frequency", "scaling")
 
     def peft_config(self, f: WaveftFields, *, for_count: bool = False):
         from peft import WaveFTConfig

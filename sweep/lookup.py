@@ -1,0 +1,345 @@
+"""Find a sweep in MLflow and read its trial runs back.
+
+The layout read here is the one `sweep run` writes: one parent run per sweep (tags
+`peft_sweep.role=sweep`, `sweep=<name>`, artifact `spec.yaml`) and one nested child run
+per trial (tags `mlflow.parentRunId`, `adapter.type`, `adapter.variant`, `trial_id`;
+params = the TrialConfig flattened with dots; metrics named as in `trials.metrics`).
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterator
+
+from trials.metrics import METRICS
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
+    from mlflow.entities import Run
+
+ROLE_TAG = "peft_sweep.role"
+SWEEP_TAG = "sweep"
+PARENT_TAG = "mlflow.parentRunId"
+PAGE_SIZE = 1000
+DEFAULT_URI = "sqlite:///mlflow.db"
+
+
+class SweepLookupError(Exception):
+    """The sweep, its store or its runs cannot be found: one line per problem, with the fix."""
+
+    def __init__(self, lines: list[str]):
+        super().__init__("\n".join(lines))
+        self.lines = lines
+
+
+@dataclass(frozen=True)
+class TrialRun:
+    """One child run, reduced to what the table, plots and exports read."""
+
+    run_id: str
+    status: str
+    trial_id: str
+    adapter_type: str
+    variant: str
+    params: dict[str, str]
+    metrics: dict[str, float]
+    tags: dict[str, str] = field(default_factory=dict)
+    start_time: int | None = None
+    end_time: int | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.status == "FINISHED"
+
+    @property
+    def failed(self) -> bool:
+        return self.status == "FAILED"
+
+    def value(self, name: str) -> Any:
+        """A typed param value (params are stored as strings)."""
+        raw = self.params.get(name)
+        return None if raw is None else parse_param(raw)
+
+
+@dataclass
+class Sweep:
+    """A sweep's parent run and what it declares about ranking its trials."""
+
+    name: str
+    tracking_uri: str
+    experiment_id: str
+    experiment_name: str
+    parent_run_id: str
+    metric: str = "eval_loss"
+    goal: str = "minimize"
+    spec: dict[str, Any] | None = None
+
+
+def parse_param(raw: str) -> Any:
+    """MLflow stores params as text; get back numbers, booleans, lists and None."""
+    for parse in (json.loads, ast.literal_eval):
+        try:
+            return parse(raw)
+        except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+            continue
+    return raw
+
+
+def unflatten(params: dict[str, str]) -> dict[str, Any]:
+    """`{"adapter.r": "8"}` -> `{"adapter": {"r": 8}}` (the TrialConfig shape)."""
+    out: dict[str, Any] = {}
+    for key in sorted(params):
+        node = out
+        *parents, leaf = key.split(".")
+        for part in parents:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):  # a scalar and a section share a name; keep the scalar
+                break
+            node = child
+        else:
+            node[leaf] = parse_param(params[key])
+    return out
+
+
+# --- tracking URI ---------------------------------------------------------------------
+
+
+def absolute_uri(uri: str, base: Path) -> str:
+    """Make a relative sqlite or file-store path absolute against `base` (the spec's folder)."""
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        rel = uri[len("sqlite:///"):]
+        if rel and not rel.startswith(":memory:"):
+            return "sqlite:///" + str((base / rel).resolve())
+        return uri
+    if "://" not in uri and not uri.startswith("/"):
+        return str((base / uri).resolve())
+    return uri
+
+
+def pick_tracking_uri(cli_uri: str | None, spec_uri: str | None = None, spec_dir: Path | None = None) -> str:
+    """--tracking-uri, then MLFLOW_TRACKING_URI, then the spec's tracking.uri, then the spec default."""
+    if cli_uri:
+        return absolute_uri(cli_uri, Path.cwd())
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    if env:
+        return absolute_uri(env, Path.cwd())
+    if spec_uri:
+        return absolute_uri(spec_uri, spec_dir or Path.cwd())
+    return absolute_uri(DEFAULT_URI, Path.cwd())
+
+
+def check_store(uri: str) -> None:
+    """Fail fast and clearly where MLflow would create an empty store or retry for minutes."""
+    if uri.startswith("sqlite:///"):
+        path = Path(uri[len("sqlite:///"):])
+        if not path.is_file():
+            raise SweepLookupError(
+                [f"no MLflow store at {path} (from tracking URI {uri}); "
+                 "pass --tracking-uri, set MLFLOW_TRACKING_URI, or run this where `sweep run` wrote it"]
+            )
+    elif uri.startswith(("http://", "https://")):
+        import urllib.error
+        import urllib.request
+
+        try:
+            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=10) as resp:
+                resp.read()
+        except (urllib.error.URLError, OSError) as err:
+            raise SweepLookupError([f"cannot reach the MLflow server at {uri}: {getattr(err, 'reason', err)}"]) from None
+
+
+def make_client(uri: str) -> MlflowClient:
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+# --- finding the sweep ----------------------------------------------------------------
+
+
+def _latest_parent(client: MlflowClient, experiment_ids: list[str], name: str | None) -> Run | None:
+    query = f"tags.`{ROLE_TAG}` = 'sweep'"
+    if name is not None:
+        query += f" and tags.{SWEEP_TAG} = '{name}'"
+    runs = client.search_runs(experiment_ids, query, max_results=1, order_by=["attributes.start_time DESC"])
+    return runs[0] if runs else None
+
+
+def _sweep_names(client: MlflowClient, experiment_ids: list[str]) -> list[str]:
+    runs = client.search_runs(experiment_ids, f"tags.`{ROLE_TAG}` = 'sweep'", max_results=200)
+    return sorted({r.data.tags.get(SWEEP_TAG, "?") for r in runs})
+
+
+def find_sweep(client: MlflowClient, tracking_uri: str, name: str | None = None, experiment: str | None = None) -> Sweep:
+    """The latest parent run of sweep `name` (or the latest sweep at all when `name` is None).
+
+    Looks in `experiment` when given, else in the experiment named like the sweep, else in
+    every experiment of the store (a spec may set tracking.experiment to anything).
+    """
+    from mlflow.exceptions import MlflowException
+
+    try:
+        if experiment is not None:
+            exp = client.get_experiment_by_name(experiment)
+            if exp is None:
+                known = ", ".join(sorted(e.name for e in client.search_experiments())) or "none"
+                raise SweepLookupError([f"experiment {experiment!r} not found at {tracking_uri} (experiments there: {known})"])
+            scopes = [[exp.experiment_id]]
+        else:
+            scopes = []
+            if name is not None:
+                exp = client.get_experiment_by_name(name)
+                if exp is not None:
+                    scopes.append([exp.experiment_id])
+            everything = [e.experiment_id for e in client.search_experiments()]
+            if everything:
+                scopes.append(everything)
+        parent = None
+        for ids in scopes:
+            parent = _latest_parent(client, ids, name)
+            if parent is not None:
+                break
+        if parent is None:
+            ids = scopes[-1] if scopes else []
+            names = _sweep_names(client, ids) if ids else []
+            where = f"experiment {experiment!r}" if experiment else tracking_uri
+            what = f"no sweep named {name!r}" if name else "no sweep"
+            hint = f"sweeps there: {', '.join(names)}" if names else "run `sweep run spec.yaml` first, or pass --tracking-uri"
+            raise SweepLookupError([f"{what} in {where} ({hint})"])
+        exp = client.get_experiment(parent.info.experiment_id)
+    except MlflowException as err:
+        raise SweepLookupError([f"MLflow at {tracking_uri}: {err.message}"]) from None
+    sweep = Sweep(
+        name=parent.data.tags.get(SWEEP_TAG, name or ""),
+        tracking_uri=tracking_uri,
+        experiment_id=exp.experiment_id,
+        experiment_name=exp.name,
+        parent_run_id=parent.info.run_id,
+    )
+    _read_declaration(client, sweep, parent)
+    return sweep
+
+
+def load_sweep(client: MlflowClient, parent_run_id: str, tracking_uri: str | None = None) -> Sweep:
+    """A Sweep from a known parent run id (what a caller holding the run id, e.g. a test, uses)."""
+    parent = client.get_run(parent_run_id)
+    exp = client.get_experiment(parent.info.experiment_id)
+    sweep = Sweep(
+        name=parent.data.tags.get(SWEEP_TAG, parent.info.run_name or parent_run_id),
+        tracking_uri=tracking_uri or client.tracking_uri,
+        experiment_id=exp.experiment_id,
+        experiment_name=exp.name,
+        parent_run_id=parent_run_id,
+    )
+    _read_declaration(client, sweep, parent)
+    return sweep
+
+
+def _read_declaration(client: MlflowClient, sweep: Sweep, parent: Run) -> None:
+    """The metric and goal: the parent's spec.yaml artifact, else its params or tags."""
+    import yaml
+
+    spec: dict[str, Any] | None = None
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            local = client.download_artifacts(sweep.parent_run_id, "spec.yaml", tmp)
+            loaded = yaml.safe_load(Path(local).read_text())
+            spec = loaded if isinstance(loaded, dict) else None
+    except Exception:  # a parent logged without the artifact still has params/tags to fall back on
+        spec = None
+    sweep.spec = spec
+    declared = (spec or {}).get("metric") or {}
+    fields = {**parent.data.tags, **parent.data.params}
+    name = declared.get("name") or fields.get("metric.name") or fields.get("metric") or "eval_loss"
+    known = METRICS.get(name)
+    default_goal = known.goal if known is not None and known.goal != "none" else "minimize"
+    goal = declared.get("goal") or fields.get("metric.goal") or default_goal
+    sweep.metric, sweep.goal = str(name), str(goal)
+
+
+def open_sweep(target: str | None, tracking_uri: str | None = None, experiment: str | None = None) -> tuple[MlflowClient, Sweep]:
+    """Resolve NAME (a sweep name or a spec path) and the tracking URI, then find the sweep."""
+    name: str | None = target
+    spec_uri: str | None = None
+    spec_dir: Path | None = None
+    if target is not None and (target.endswith((".yaml", ".yml")) or Path(target).is_file()):
+        from sweep.spec import SpecError, load_spec
+
+        try:
+            spec, spec_dir = load_spec(target)
+        except SpecError as err:
+            raise SweepLookupError(err.lines) from None
+        name = spec.name
+        spec_uri = spec.tracking.uri
+        experiment = experiment or spec.tracking.experiment or spec.name
+    uri = pick_tracking_uri(tracking_uri, spec_uri, spec_dir)
+    check_store(uri)
+    client = make_client(uri)
+    return client, find_sweep(client, uri, name, experiment)
+
+
+# --- reading the trials ---------------------------------------------------------------
+
+
+def iter_child_runs(client: MlflowClient, sweep: Sweep) -> Iterator[Run]:
+    """Every child run of the sweep, a page of up to 1000 at a time (one request per page)."""
+    token = None
+    while True:
+        page = client.search_runs(
+            [sweep.experiment_id],
+            f"tags.{PARENT_TAG} = '{sweep.parent_run_id}'",
+            max_results=PAGE_SIZE,
+            order_by=["attributes.start_time ASC"],
+            page_token=token,
+        )
+        yield from page
+        token = page.token
+        if not token:
+            return
+
+
+def trial_from_run(run: Run) -> TrialRun:
+    tags = run.data.tags
+    params = run.data.params
+    adapter_type = tags.get("adapter.type") or params.get("adapter.type") or "?"
+    return TrialRun(
+        run_id=run.info.run_id,
+        status=run.info.status,
+        trial_id=tags.get("trial_id") or params.get("trial_id") or run.info.run_name or run.info.run_id,
+        adapter_type=adapter_type,
+        variant=tags.get("adapter.variant") or adapter_type,
+        params=dict(params),
+        metrics=dict(run.data.metrics),
+        tags=dict(tags),
+        start_time=run.info.start_time,
+        end_time=run.info.end_time,
+    )
+
+
+def load_trials(client: MlflowClient, sweep: Sweep) -> list[TrialRun]:
+    try:
+        return [trial_from_run(r) for r in iter_child_runs(client, sweep)]
+    except Exception as err:
+        from mlflow.exceptions import MlflowException
+
+        if isinstance(err, MlflowException):
+            raise SweepLookupError([f"MLflow at {sweep.tracking_uri}: {err.message}"]) from None
+        raise
+
+
+def require_trials(trials: list[TrialRun], sweep: Sweep, *, finished: bool = False) -> None:
+    if not trials:
+        raise SweepLookupError(
+            [f"sweep {sweep.name!r} (parent run {sweep.parent_run_id} in experiment {sweep.experiment_name!r}) has no trial runs yet"]
+        )
+    if finished and not any(t.finished for t in trials):
+        counts: dict[str, int] = {}
+        for t in trials:
+            counts[t.status] = counts.get(t.status, 0) + 1
+        summary = ", ".join(f"{n} {s.lower()}" for s, n in sorted(counts.items()))
+        raise SweepLookupError([f"sweep {sweep.name!r} has no finished trial ({summary}); nothing to export"])
