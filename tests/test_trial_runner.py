@@ -1,0 +1,342 @@
+"""The trial runner with real components: tiny Llama, PEFT, DeepSpeed on 2 processes.
+
+All adapter variants train in one `torchrun --nproc_per_node 2 -m trials run ...` launch
+(process start-up and imports cost more than a tiny trial), spread over ZeRO stages 0-3;
+each variant is then checked on its own.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from trials import artifacts
+from trials.metrics import METRICS
+
+# name -> (adapter fields, ZeRO stage, learning rate). Stages are spread so every stage
+# trains several families; the rates give each family a clear drop in 20 steps.
+VARIANTS: dict[str, tuple[dict, int, float]] = {
+    "lora": ({"type": "lora", "r": 8, "alpha": 16}, 0, 3e-3),
+    "pissa": ({"type": "lora", "r": 8, "alpha": 8, "init_lora_weights": "pissa"}, 2, 3e-3),
+    "pissa_niter_4": ({"type": "lora", "r": 8, "alpha": 8, "init_lora_weights": "pissa_niter_4"}, 3, 3e-3),
+    "corda": ({"type": "lora", "r": 8, "alpha": 8, "init_lora_weights": "corda",
+               "target_modules": ["q_proj", "v_proj"], "corda_samples": 8}, 3, 3e-3),
+    "ln_tuning": ({"type": "ln_tuning"}, 3, 3e-2),
+    "oft": ({"type": "oft", "oft_block_size": 16}, 0, 1e-2),
+    "hra": ({"type": "hra", "r": 8}, 2, 1e-2),
+    "waveft": ({"type": "waveft", "n_frequency": 256}, 3, 3e-3),
+    "vblora": ({"type": "vblora", "r": 4, "num_vectors": 64, "vector_length": 16}, 0, 3e-2),
+    "c3a": ({"type": "c3a", "block_size": 16}, 2, 1e-1),
+    "tinylora": ({"type": "tinylora", "r": 2, "u": 64}, 3, 5e-2),
+    "lora_patterns": ({"type": "lora", "r": 4, "alpha": 8,
+                       "rank_pattern": {r"layers\.0\.self_attn\.q_proj": 16},
+                       "alpha_pattern": {r"layers\.1\.self_attn\.v_proj": 32}}, 1, 3e-3),
+}
+MAX_STEPS = 20
+
+
+def trial(tiny: Path, adapter: dict, *, stage: int = 0, lr: float = 3e-3, **data) -> dict:
+    return {
+        "trial_id": "",
+        "model": {"base_model": str(tiny)},
+        "data": {"train": str(tiny / "task" / "train.jsonl"), "eval": str(tiny / "task" / "eval.jsonl"),
+                 "max_length": 32, **data},
+        "adapter": adapter,
+        "trainer": {"learning_rate": lr, "max_steps": MAX_STEPS, "batch_size": 8, "eval_every": 10, "eval_batches": 4},
+        "seed": 0,
+        "deepspeed": {"zero_stage": stage},
+    }
+
+
+def write_trials(directory: Path, trials: dict[str, dict]) -> list[Path]:
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name, cfg in trials.items():
+        path = directory / f"{name}.json"
+        path.write_text(json.dumps(cfg))
+        paths.append(path)
+    return paths
+
+
+def cli(*args: str, nproc: int = 1, timeout: int = 600) -> subprocess.CompletedProcess:
+    launcher = ([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc)]
+                if nproc > 1 else [sys.executable])
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    return subprocess.run([*launcher, "-m", "trials", *args], capture_output=True, text=True, timeout=timeout,
+                          env=env, cwd=Path(__file__).parent.parent)
+
+
+@pytest.fixture(scope="session")
+def variant_runs(tiny_model, tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("variants")
+    trials = {name: trial(tiny_model, adapter, stage=stage, lr=lr) for name, (adapter, stage, lr) in VARIANTS.items()}
+    # A learning rate that must blow up, to see the non-finite-loss guard on 2 workers.
+    trials["diverges"] = trial(tiny_model, {"type": "lora"}, stage=0, lr=1e30)
+    paths = write_trials(root / "trials", trials)
+    result = cli("run", *map(str, paths), "--out", str(root / "out"), "--keep-going", nproc=2, timeout=900)
+    (root / "launch.log").write_text(result.stdout + "\n--- stderr ---\n" + result.stderr)
+    assert result.returncode != 0, "the diverging trial should have made the launch fail"
+    return root / "out"
+
+
+def probe_logits_after_reload(tiny: Path, adapter_dir: Path, probe: dict):
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(tiny, dtype=torch.float32)
+    model = PeftModel.from_pretrained(base, str(adapter_dir)).eval()
+    with torch.no_grad():
+        return model(input_ids=probe["input_ids"], attention_mask=probe["attention_mask"]).logits
+
+
+def base_logits(tiny: Path, probe: dict):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(tiny, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return base(input_ids=probe["input_ids"], attention_mask=probe["attention_mask"]).logits
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_variant_trains_saves_and_reloads_exactly(name, variant_runs, tiny_model):
+    import torch
+
+    out = variant_runs / name
+    assert not (out / "error.txt").exists(), (out / "error.txt").read_text()
+    record = json.loads((out / "metrics.json").read_text())
+    m = record["metrics"]
+    assert set(METRICS) <= set(m), f"missing metrics: {set(METRICS) - set(m)}"
+    assert m["step"] == MAX_STEPS
+    assert math.isfinite(m["eval_loss"]) and math.isfinite(m["eval_loss_before"])
+    assert m["eval_loss"] < m["eval_loss_before"] - 0.01, "training did not lower the eval loss"
+    assert [e["step"] for e in record["evals"]] == [0, 10, 20]
+    assert len(record["steps"]) == MAX_STEPS
+    assert record["setup"]["world_size"] == 2
+    assert record["setup"]["zero_stage"] == VARIANTS[name][1]
+    assert 0 < m["trainable_params"] < m["total_params"] and m["tokens_per_s"] > 0 and m["adapter_bytes"] > 0
+    assert record["setup"]["effective"] or name == "ln_tuning"
+    assert record["versions"]["peft"] and record["versions"]["deepspeed"]
+    assert json.loads((out / "trial.json").read_text())["adapter"]["type"] == VARIANTS[name][0]["type"]
+
+    # The saved adapter on a freshly loaded, untouched base model gives the trained model's
+    # logits (PiSSA/CorDA through the converted save), and those differ from the base model's.
+    probe = torch.load(out / artifacts.PROBE_FILE)
+    reloaded = probe_logits_after_reload(tiny_model, out / artifacts.ADAPTER_DIR, probe)
+    torch.testing.assert_close(reloaded, probe["logits"], atol=1e-5, rtol=0)
+    assert (base_logits(tiny_model, probe) - probe["logits"]).abs().max() > 1e-3
+
+
+@pytest.mark.slow
+def test_pattern_overrides_reach_the_wrapped_modules(variant_runs):
+    effective = json.loads((variant_runs / "lora_patterns" / "metrics.json").read_text())["setup"]["effective"]
+    assert effective["model.layers.0.self_attn.q_proj"]["r"] == 16
+    assert effective["model.layers.1.self_attn.v_proj"]["lora_alpha"] == 32
+    assert effective["model.layers.1.self_attn.q_proj"]["r"] == 4
+
+
+@pytest.mark.slow
+def test_weight_rewriting_inits_keep_their_initial_adapter(variant_runs):
+    for name in ("pissa", "pissa_niter_4", "corda"):
+        initial = json.loads((variant_runs / name / artifacts.INITIAL_ADAPTER_DIR / "adapter_config.json").read_text())
+        assert initial["init_lora_weights"] is True  # reloading it must not decompose again
+        saved = json.loads((variant_runs / name / artifacts.ADAPTER_DIR / "adapter_config.json").read_text())
+        assert saved["r"] == 2 * VARIANTS[name][0]["r"]  # converted: [trained | -initial]
+
+
+@pytest.mark.slow
+def test_every_zero_stage_trained_on_two_workers(variant_runs):
+    stages = {json.loads((variant_runs / n / "metrics.json").read_text())["setup"]["zero_stage"] for n in VARIANTS}
+    assert stages == {0, 1, 2, 3}
+
+
+@pytest.mark.slow
+def test_non_finite_loss_stops_the_trial(variant_runs):
+    error = (variant_runs / "diverges" / "error.txt").read_text()
+    assert error.startswith("non-finite loss at step ")
+    assert not (variant_runs / "diverges" / "metrics.json").exists()
+
+
+# --- user mistakes: one line on stderr, exit 2, before any training --------------------
+
+
+def run_in_process(capsys, *args: str) -> tuple[int, str]:
+    from trials.__main__ import main
+
+    code = main(["run", *args])
+    return code, capsys.readouterr().err
+
+
+def assert_one_line_error(stderr: str, *needles: str) -> None:
+    lines = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, stderr
+    assert "Traceback" not in stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+def test_loftq_without_gpu_is_refused_before_starting(tiny_model, tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("loftq can run here")
+    [path] = write_trials(tmp_path, {"loftq": trial(tiny_model, {"type": "lora", "init_lora_weights": "loftq"})})
+    result = cli("run", str(path), "--out", str(tmp_path / "out"))
+    assert result.returncode == 2
+    assert_one_line_error(result.stderr, "lora+loftq", "CUDA")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    ("content", "needles"),
+    [
+        ('{"prompt": "rot1 abc =", "response": " bcd"}\n{"prompt": "rot1 xyz ="}\n',
+         ["train.jsonl line 2", "'response'", "missing"]),
+        ("", ["train.jsonl", "empty"]),
+        ('{"prompt": "rot1 abc =", "response": 7}\n', ["train.jsonl line 1", "'response'", "string"]),
+        ('{"prompt": "' + "rot1 abcdefgh =" * 4 + '", "response": " b"}\n', ["all 1 examples", "max_length=32"]),
+    ],
+    ids=["missing-field", "empty-file", "not-a-string", "truncated-away"],
+)
+def test_bad_data_is_one_line_before_training(tiny_model, tmp_path, capsys, content, needles):
+    (tmp_path / "train.jsonl").write_text(content)
+    cfg = trial(tiny_model, {"type": "lora"}, train=str(tmp_path / "train.jsonl"))
+    [path] = write_trials(tmp_path, {"bad": cfg})
+    code, stderr = run_in_process(capsys, str(path), "--out", str(tmp_path / "out"))
+    assert code == 2
+    assert_one_line_error(stderr, *needles)
+    assert not (tmp_path / "out" / "metrics.json").exists()
+    assert not (tmp_path / "out" / artifacts.ADAPTER_DIR).exists()
+
+
+def test_missing_base_model_names_the_fix(tmp_path, capsys, tiny_model):
+    cfg = trial(tiny_model, {"type": "lora"})
+    cfg["model"]["base_model"] = "no-such-org/no-such-model"
+    [path] = write_trials(tmp_path, {"nomodel": cfg})
+    code, stderr = run_in_process(capsys, str(path), "--out", str(tmp_path / "out"))
+    assert code == 2
+    assert_one_line_error(stderr, "no-such-org/no-such-model", "never download")
+
+
+# --- data: formats, labels, splits, shards ----------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model):
+    from trials.config import ModelConfig
+    from trials.model import load_tokenizer
+
+    return load_tokenizer(ModelConfig(base_model=str(tiny_model)))
+
+
+ROWS = [{"prompt": f"rot1 {w} =", "response": f" {w}x"} for w in ("abc", "def", "ghi", "jkl", "mno")]
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "csv", "parquet", "hf-dir"])
+def test_every_format_reads_the_same_pairs(tmp_path, fmt):
+    from trials.data import read_pairs
+
+    if fmt == "jsonl":
+        path = tmp_path / "d.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    elif fmt == "csv":
+        import csv
+
+        path = tmp_path / "d.csv"
+        with path.open("w", newline="") as fh:
+            writer = csv.DictWriter(fh, ["prompt", "response"])
+            writer.writeheader()
+            writer.writerows(ROWS)
+    elif fmt == "parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        path = tmp_path / "d.parquet"
+        pq.write_table(pa.Table.from_pylist(ROWS), path)
+    else:
+        from datasets import Dataset
+
+        path = tmp_path / "d"
+        Dataset.from_list(ROWS).save_to_disk(str(path))
+    assert read_pairs(path, "prompt", "response") == [(r["prompt"], r["response"]) for r in ROWS]
+
+
+def test_csv_missing_column_names_line_and_field(tmp_path):
+    from trials.data import read_pairs
+    from trials.errors import TrialError
+
+    path = tmp_path / "d.csv"
+    path.write_text("prompt,answer\nrot1 a =, b\n")
+    with pytest.raises(TrialError, match=r"d\.csv line 2: field 'response' is missing \(fields present: prompt, answer\)"):
+        read_pairs(path, "prompt", "response")
+
+
+def test_labels_cover_response_and_eos_only(tokenizer):
+    from trials.data import IGNORE, tokenize
+
+    [ex] = tokenize([("rot1 abc =", " bcd")], tokenizer, 64, "mem")
+    n_prompt = len(tokenizer("rot1 abc =")["input_ids"])
+    assert ex.labels[:n_prompt] == [IGNORE] * n_prompt
+    assert ex.labels[n_prompt:] == ex.input_ids[n_prompt:]
+    assert ex.input_ids[-1] == tokenizer.eos_token_id
+    assert tokenizer.decode(ex.input_ids[n_prompt:-1]) == " bcd"
+
+
+def test_truncation_keeps_examples_with_some_response_left(tokenizer):
+    from trials.data import tokenize
+
+    prompt = "rot1 abcdefgh ="  # BOS + 15 characters
+    kept = tokenize([(prompt, " bcdefghi"), ("x" * 40, " y")], tokenizer, 18, "mem")
+    assert len(kept) == 1
+    [ex] = kept
+    assert len(ex.input_ids) == 18 and ex.labels[16:] == ex.input_ids[16:] == tokenizer(" b", add_special_tokens=False)["input_ids"]
+
+
+def test_eval_fraction_split_is_seeded_and_disjoint(tokenizer, tmp_path):
+    from trials.config import DataConfig
+    from trials.data import load_splits
+
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps({"prompt": f"rot1 {i} =", "response": f" {i}"}) + "\n" for i in range(50)))
+    cfg = DataConfig(train=str(path), eval_fraction=0.2)
+    a, b, c = (load_splits(cfg, tokenizer, seed) for seed in (0, 0, 1))
+    assert len(a.eval) == 10 and len(a.train) == 40
+    assert a == b and a.eval != c.eval
+    assert not {tuple(e.input_ids) for e in a.eval} & {tuple(e.input_ids) for e in a.train}
+    default = load_splits(DataConfig(train=str(path)), tokenizer, 0)
+    assert len(default.eval) == 5  # eval_fraction defaults to 0.1
+
+
+def test_shards_split_each_epoch_between_ranks():
+    from itertools import islice
+
+    from trials.data import Example, eval_batches, train_batches
+
+    examples = [Example([i], [i]) for i in range(10)]
+    shards = [list(islice(train_batches(examples, 5, rank, 2, seed=3), 1))[0] for rank in (0, 1)]
+    assert sorted(e.input_ids[0] for s in shards for e in s) == list(range(10))
+    again = list(islice(train_batches(examples, 5, 0, 2, seed=3), 1))[0]
+    assert again == shards[0]
+    # 5 eval examples on 2 ranks, batch 1: both ranks run 3 batches (ZeRO-3 needs equal
+    # counts); rank 1's third is a loss-free filler.
+    batches = [eval_batches(examples[:5], 1, rank, 2, None) for rank in (0, 1)]
+    assert [len(b) for b in batches] == [3, 3]
+    assert [e.input_ids[0] for b in batches[0] for e in b] == [0, 2, 4]
+    assert all(label == -100 for label in batches[1][2][0].labels)
+    assert len(eval_batches(examples[:5], 1, 0, 2, cap=2)) == 2
+
+
+def test_warmup_then_cosine_to_zero():
+    from trials.train import warmup_cosine
+
+    f = warmup_cosine(100, 0.1)
+    assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0) and f(10) == pytest.approx(1.0)
+    assert f(55) == pytest.approx(0.5) and f(100) == pytest.approx(0.0)

@@ -1,0 +1,133 @@
+"""`python -m trials run TRIAL.json [MORE.json ...] --out DIR` (also under torchrun) and
+`python -m trials build-tiny [--quick] [--out DIR]`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import traceback
+from pathlib import Path
+
+
+def _rank() -> int:
+    return int(os.environ.get("RANK", 0))
+
+
+def _fail(message: str) -> None:
+    if _rank() == 0:
+        print(f"error: {message}", file=sys.stderr)
+
+
+def _load(paths: list[Path]):
+    from pydantic import ValidationError
+
+    from trials.config import TrialConfig
+    from trials.errors import TrialError
+
+    configs = []
+    for path in paths:
+        try:
+            configs.append(TrialConfig.load(path))
+        except FileNotFoundError as err:
+            raise TrialError(f"{path}: no such trial file") from err
+        except ValidationError as err:
+            first = err.errors()[0]
+            where = ".".join(str(x) for x in first["loc"]) or "trial"
+            raise TrialError(f"{path}: {where}: {first['msg']} ({err.error_count()} problem(s))") from err
+    return configs
+
+
+def _out_dirs(paths: list[Path], configs, out: Path) -> list[Path]:
+    """One trial writes into DIR itself; several write into DIR/<trial_id or file stem>."""
+    if len(paths) == 1:
+        return [out]
+    names = [cfg.trial_id or p.stem for p, cfg in zip(paths, configs)]
+    if len(set(names)) != len(names):
+        names = [p.stem for p in paths]
+    return [out / n for n in names]
+
+
+def run(args: argparse.Namespace) -> int:
+    from trials.errors import TrialError
+
+    configs = _load(args.trials)
+    from trials.dist import ensure_process_group, import_deepspeed
+    from trials.train import check_runnable, run_trial
+
+    for cfg in configs:
+        if not args.keep_going:
+            check_runnable(cfg)  # refuse every unrunnable trial before the first one starts
+    import_deepspeed()
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    created = ensure_process_group()
+    code = 0
+    try:
+        for cfg, out in zip(configs, _out_dirs(args.trials, configs, args.out)):
+            try:
+                result = run_trial(cfg, out)
+            except Exception as err:
+                if not args.keep_going:
+                    raise
+                # Record and go on: the other trials in this launch are independent.
+                user_error = isinstance(err, TrialError)
+                code = max(code, 2 if user_error else 1)
+                if _rank() == 0:
+                    out.mkdir(parents=True, exist_ok=True)
+                    (out / "error.txt").write_text(str(err) if user_error else traceback.format_exc())
+                _fail(f"{out}: {err}")
+                continue
+            if _rank() == 0:
+                print(json.dumps({"out": str(out), **result}))
+    finally:
+        if created:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+    return code
+
+
+def build_tiny(args: argparse.Namespace) -> int:
+    try:
+        from trials import tiny
+    except ImportError:
+        _fail("trials.tiny is not available in this installation")
+        return 2
+    if args.out is None:
+        print(tiny.ensure_tiny(quick=args.quick))
+    else:
+        path = tiny.build_base_model(args.out, quick=args.quick)
+        tiny.write_task(path / "task")
+        print(path)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m trials", description="Run peft-sweep trials outside a sweep.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("run", help="Run trial files one after another in this process (or torchrun's processes).")
+    r.add_argument("trials", nargs="+", type=Path, help="TrialConfig JSON files.")
+    r.add_argument("--out", type=Path, required=True,
+                   help="Output directory (with several trials: one subdirectory per trial).")
+    r.add_argument("--keep-going", action="store_true",
+                   help="After a failed trial, record out/error.txt and run the next; exit nonzero at the end.")
+    b = sub.add_parser("build-tiny", help="Build the tiny pretrained Llama and its task (cached unless --out).")
+    b.add_argument("--quick", action="store_true", help="A few training steps only (for tests).")
+    b.add_argument("--out", type=Path, help="Build into this directory instead of the cache.")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if _rank() == 0 else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    from trials.errors import TrialError
+
+    try:
+        return run(args) if args.command == "run" else build_tiny(args)
+    except TrialError as err:
+        _fail(str(err))
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

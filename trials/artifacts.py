@@ -1,0 +1,71 @@
+"""What a trial leaves in its output directory (written by rank 0)."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import platform
+from importlib import metadata
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+    from peft import PeftModel
+
+ADAPTER_DIR = "adapter"
+INITIAL_ADAPTER_DIR = "initial_adapter"
+PROBE_FILE = "probe_logits.pt"
+_PACKAGES = ("torch", "deepspeed", "peft", "transformers", "tokenizers", "datasets", "accelerate")
+
+
+def save_initial_adapter(model: PeftModel, path: Path) -> None:
+    """The adapter as initialized, for families whose initialization rewrites base weights
+    (PiSSA, CorDA, OLoRA). Its config says "plain init" (PEFT's documented pattern, and what
+    PEFT itself writes at conversion time): reloading it must not decompose the weights again."""
+    from peft import PeftType
+
+    model.save_pretrained(str(path))
+    config = copy.deepcopy(model.peft_config["default"])
+    if config.peft_type == PeftType.LORA:
+        config.init_lora_weights = True
+    else:
+        config.init_weights = True
+    config.save_pretrained(str(path))
+
+
+def save_adapter(model: PeftModel, path: Path, adapter_params: list[torch.nn.Parameter], *,
+                 initial: Path | None, is_main: bool) -> None:
+    """Save the trained adapter. Collective: every rank must call it, because under ZeRO-3 the
+    adapter's parameters are partitioned and are gathered for the save.
+
+    With `initial`, the adapter is converted (PEFT's path_initial_model_for_weight_conversion)
+    to a plain LoRA that applies to the original, unmodified base weights."""
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(adapter_params, modifier_rank=None):
+        if is_main:
+            kwargs = {"path_initial_model_for_weight_conversion": str(initial)} if initial else {}
+            model.save_pretrained(str(path), **kwargs)
+
+
+def dir_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for name in _PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Write atomically, so a reader never sees half a file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
+    os.replace(tmp, path)

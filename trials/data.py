@@ -1,0 +1,233 @@
+"""Prompt/response data: read, validate, tokenize, split, shard and batch.
+
+Every problem with the data is found here, before any model is loaded, and named by
+file, row and field.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from trials.config import DataConfig
+from trials.errors import TrialError
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedTokenizerBase
+
+log = logging.getLogger(__name__)
+
+IGNORE = -100
+DEFAULT_EVAL_FRACTION = 0.1
+
+
+@dataclass(frozen=True)
+class Example:
+    input_ids: list[int]
+    labels: list[int]  # IGNORE on the prompt; the response tokens and EOS otherwise
+
+
+@dataclass(frozen=True)
+class Splits:
+    train: list[Example]
+    eval: list[Example]
+
+
+# --- reading --------------------------------------------------------------------------
+
+
+def _rows_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
+    with path.open(encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                yield f"line {lineno}", json.loads(line)
+            except json.JSONDecodeError as err:
+                raise TrialError(f"{path} line {lineno}: not valid JSON ({err.msg})") from err
+
+
+def _rows_csv(path: Path) -> Iterator[tuple[str, Any]]:
+    with path.open(encoding="utf-8", newline="") as fh:
+        reader = csv.DictReader(fh)
+        for row in reader:
+            # DictReader fills absent trailing cells with None, which then reads as "null".
+            yield f"line {reader.line_num}", {k: v for k, v in row.items() if k is not None}
+
+
+def _rows_table(rows: list[dict[str, Any]]) -> Iterator[tuple[str, Any]]:
+    for i, row in enumerate(rows, 1):
+        yield f"row {i}", row
+
+
+def _hf_dataset(path: Path, role: str):
+    from datasets import DatasetDict, load_from_disk
+
+    try:
+        ds = load_from_disk(str(path))
+    except Exception as err:  # datasets raises FileNotFoundError or its own errors for non-datasets dirs
+        raise TrialError(f"{path}: not a saved Hugging Face datasets directory ({err})") from err
+    if isinstance(ds, DatasetDict):
+        wanted = ("train",) if role == "train" else ("validation", "eval", "test")
+        names = [n for n in wanted if n in ds] or (list(ds) if len(ds) == 1 else [])
+        if not names:
+            raise TrialError(f"{path}: a DatasetDict with splits {', '.join(ds)}; none is the {role} split "
+                             f"(expected {' or '.join(wanted)}); save the split itself instead")
+        ds = ds[names[0]]
+    return ds
+
+
+def _rows(path: Path, role: str) -> Iterator[tuple[str, Any]]:
+    """(where, row) for each row, `where` as a person would look it up in the file."""
+    if path.is_dir():
+        return _rows_table(_hf_dataset(path, role).to_list())
+    if path.suffix == ".jsonl":
+        return _rows_jsonl(path)
+    if path.suffix == ".csv":
+        return _rows_csv(path)
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            return _rows_table(pq.read_table(path).to_pylist())
+        except Exception as err:  # pyarrow raises ArrowInvalid and friends for corrupt files
+            raise TrialError(f"{path}: cannot read it as parquet ({err})") from err
+    raise TrialError(f"data.{role} {str(path)!r}: unsupported format; "
+                     "use .jsonl, .csv, .parquet or a saved HF datasets directory")
+
+
+def _field(path: Path, where: str, row: Any, name: str, setting: str) -> str:
+    if not isinstance(row, dict):
+        raise TrialError(f"{path} {where}: expected an object with named fields, got {type(row).__name__}")
+    if name not in row:
+        present = ", ".join(map(str, row)) or "none"
+        raise TrialError(f"{path} {where}: field {name!r} is missing (fields present: {present}); "
+                         f"fix the data or set data.{setting}")
+    value = row[name]
+    if not isinstance(value, str):
+        got = "null" if value is None else f"{type(value).__name__} {str(value)[:40]!r}"
+        raise TrialError(f"{path} {where}: field {name!r} must be a string, got {got}")
+    return value
+
+
+def read_pairs(path: str | Path, prompt_field: str, response_field: str, role: str = "train") -> list[tuple[str, str]]:
+    """(prompt, response) strings from a jsonl, csv or parquet file or a saved HF datasets dir."""
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise TrialError(f"data.{role} {str(path)!r}: no such file or directory")
+    pairs = [
+        (_field(p, where, row, prompt_field, "prompt_field"), _field(p, where, row, response_field, "response_field"))
+        for where, row in _rows(p, role)
+    ]
+    if not pairs:
+        raise TrialError(f"{p}: no examples (the {role} data is empty)")
+    return pairs
+
+
+# --- tokenizing -----------------------------------------------------------------------
+
+
+def tokenize(pairs: list[tuple[str, str]], tokenizer: PreTrainedTokenizerBase, max_length: int,
+             source: str) -> list[Example]:
+    """Prompt tokens (with the tokenizer's own specials, e.g. BOS), then response tokens and
+    EOS; truncated to max_length; loss only on the response. Examples whose response is cut
+    away entirely are dropped (all of them is an error)."""
+    prompts = tokenizer([p for p, _ in pairs])["input_ids"]
+    responses = tokenizer([r for _, r in pairs], add_special_tokens=False)["input_ids"]
+    eos = tokenizer.eos_token_id
+    out: list[Example] = []
+    for prompt, response in zip(prompts, responses):
+        ids = (list(prompt) + list(response) + [eos])[:max_length]
+        n_prompt = min(len(prompt), len(ids))
+        if n_prompt == len(ids):
+            continue
+        out.append(Example(ids, [IGNORE] * n_prompt + ids[n_prompt:]))
+    dropped = len(pairs) - len(out)
+    if not out:
+        longest = max(len(p) for p in prompts)
+        raise TrialError(f"{source}: all {len(pairs)} examples lose their whole response when truncated to "
+                         f"data.max_length={max_length} (longest prompt: {longest} tokens); raise data.max_length")
+    if dropped:
+        log.warning("%s: dropped %d of %d examples whose response does not fit in max_length=%d",
+                    source, dropped, len(pairs), max_length)
+    return out
+
+
+def load_splits(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int) -> Splits:
+    """Train and eval examples; without data.eval, a seed-shuffled eval_fraction of train."""
+    import torch
+
+    train_pairs = read_pairs(cfg.train, cfg.prompt_field, cfg.response_field, "train")
+    if cfg.eval is not None:
+        eval_pairs = read_pairs(cfg.eval, cfg.prompt_field, cfg.response_field, "eval")
+        return Splits(tokenize(train_pairs, tokenizer, cfg.max_length, cfg.train),
+                      tokenize(eval_pairs, tokenizer, cfg.max_length, cfg.eval))
+    examples = tokenize(train_pairs, tokenizer, cfg.max_length, cfg.train)
+    fraction = cfg.eval_fraction if cfg.eval_fraction is not None else DEFAULT_EVAL_FRACTION
+    if len(examples) < 2:
+        raise TrialError(f"{cfg.train}: {len(examples)} usable example(s); holding out eval needs at least 2 "
+                         f"(or give data.eval)")
+    n_eval = min(len(examples) - 1, max(1, round(fraction * len(examples))))
+    order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed)).tolist()
+    return Splits([examples[i] for i in order[n_eval:]], [examples[i] for i in order[:n_eval]])
+
+
+# --- batching -------------------------------------------------------------------------
+
+
+def collate(batch: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded tensors; padding is masked out of attention and loss."""
+    import torch
+
+    width = max(len(e.input_ids) for e in batch)
+    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(batch), width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for i, e in enumerate(batch):
+        n = len(e.input_ids)
+        ids[i, :n] = torch.tensor(e.input_ids)
+        labels[i, :n] = torch.tensor(e.labels)
+        mask[i, :n] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def train_batches(examples: list[Example], batch_size: int, rank: int, world: int, seed: int) -> Iterator[list[Example]]:
+    """Endless micro-batches of this rank's shard: each epoch one seeded permutation, the
+    same on every rank, split round-robin by rank (as DistributedSampler does)."""
+    import torch
+
+    if len(examples) < world:
+        raise TrialError(f"{len(examples)} training examples cannot be shared by {world} workers")
+    gen = torch.Generator().manual_seed(seed)
+    while True:
+        mine = torch.randperm(len(examples), generator=gen).tolist()[rank::world]
+        for i in range(0, len(mine), batch_size):
+            yield [examples[j] for j in mine[i:i + batch_size]]
+
+
+def eval_batches(examples: list[Example], batch_size: int, rank: int, world: int,
+                 cap: int | None) -> list[list[Example]]:
+    """This rank's eval batches. Every rank gets the same number of batches (ZeRO-3 needs
+    every rank in every forward), so short shards are topped up with loss-free copies."""
+    mine = examples[rank::world]
+    n = math.ceil(math.ceil(len(examples) / world) / batch_size)
+    if cap is not None:
+        n = min(n, cap)
+    out = [mine[i * batch_size:(i + 1) * batch_size] for i in range(n)]
+    filler = Example(examples[0].input_ids, [IGNORE] * len(examples[0].input_ids))
+    return [b if b else [filler] for b in out]
+
+
+def calibration_examples(examples: list[Example], n: int, seed: int) -> list[Example]:
+    """`n` training examples chosen by the seed alone, so every rank calibrates on the same ones."""
+    import torch
+
+    order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed)).tolist()
+    return [examples[i] for i in order[:n]]

@@ -1,0 +1,322 @@
+"""One fine-tune: load, wrap with the trial's adapter, train with DeepSpeed, evaluate, save.
+
+Runs on every rank of the process group (Ray Train's, torchrun's, or a private one for a
+single process); rank 0 writes the artifacts and every rank returns the same metrics.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import resource
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from trials import artifacts
+from trials.adapters import Calibration, effective_values, family_of
+from trials.config import TrialConfig
+from trials.data import IGNORE, Example, calibration_examples, collate, eval_batches, load_splits, train_batches
+from trials.dist import World, all_sum, broadcast, current_world, ensure_process_group, import_deepspeed, same_on_all_ranks
+from trials.errors import TrialError
+from trials.metrics import NullReporter, Reporter
+from trials.model import count_params, load_model, load_tokenizer, resolve_dtype
+
+if TYPE_CHECKING:
+    import torch
+
+log = logging.getLogger(__name__)
+
+PROBE_EXAMPLES = 4
+
+
+def check_runnable(cfg: TrialConfig) -> None:
+    """Refuse, before anything is loaded, a trial this process cannot run."""
+    family, f = family_of(cfg.adapter), cfg.adapter
+    problems = family.runtime_requirements(f)
+    if problems:
+        raise TrialError(f"adapter {family.variant(f)} cannot run here: {'; '.join(problems)}")
+    if not family.supports_zero_stage(f, cfg.deepspeed.zero_stage):
+        raise TrialError(f"adapter {family.variant(f)} does not train under DeepSpeed ZeRO stage "
+                         f"{cfg.deepspeed.zero_stage}; use another deepspeed.zero_stage")
+
+
+def run_trial(cfg: TrialConfig, out_dir: str | Path, reporter: Reporter | None = None) -> dict[str, Any]:
+    """Run the trial on this rank; returns the final metrics (names from trials.metrics)."""
+    started = time.perf_counter()
+    check_runnable(cfg)
+    import torch
+    import torch.distributed as dist
+
+    import_deepspeed()
+    created = ensure_process_group()
+    try:
+        world = current_world()
+        # Seeding inside fork_rng keeps the caller's RNG streams untouched.
+        with torch.random.fork_rng(devices=[world.device.index] if world.device.type == "cuda" else []):
+            return _Trial(cfg, Path(out_dir), reporter or NullReporter(), world, started).run()
+    finally:
+        if created:
+            dist.destroy_process_group()
+
+
+def deepspeed_config(cfg: TrialConfig, world_size: int, dtype: torch.dtype) -> dict[str, Any]:
+    import torch
+
+    tc = cfg.trainer
+    return {
+        "train_micro_batch_size_per_gpu": tc.batch_size,
+        "gradient_accumulation_steps": tc.gradient_accumulation_steps,
+        "train_batch_size": tc.batch_size * tc.gradient_accumulation_steps * world_size,
+        "gradient_clipping": tc.max_grad_norm,
+        "zero_optimization": {"stage": cfg.deepspeed.zero_stage},
+        "bf16": {"enabled": dtype == torch.bfloat16},
+        "fp16": {"enabled": dtype == torch.float16},
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+    }
+
+
+def warmup_cosine(max_steps: int, warmup_ratio: float):
+    """LR multiplier: linear warmup over warmup_ratio * max_steps, then cosine to 0."""
+    warmup = int(warmup_ratio * max_steps)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, max_steps - warmup)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def _init_fingerprint(model: torch.nn.Module, adapter_params: list[torch.nn.Parameter]) -> list[float]:
+    """Sum and sum of squares of what wrapping created or may have rewritten: the adapter's
+    own parameters and the weights of the layers it wraps (PiSSA/CorDA rewrite those)."""
+    import torch
+
+    params = {id(p): p for p in adapter_params}
+    for module in model.modules():
+        if hasattr(module, "base_layer"):
+            params.update((id(p), p) for p in module.parameters())
+    total = torch.zeros(2, dtype=torch.float64, device=next(iter(params.values())).device)
+    with torch.no_grad():
+        for p in params.values():
+            t = p.detach().to(torch.float64)
+            total += torch.stack([t.sum(), (t * t).sum()])
+    return total.tolist()
+
+
+@dataclass
+class _Trial:
+    cfg: TrialConfig
+    out: Path
+    reporter: Reporter
+    world: World
+    started: float
+    evals: list[dict[str, Any]] = field(default_factory=list)
+    steps: list[dict[str, float]] = field(default_factory=list)
+    # Set while preparing:
+    pad_id: int = 0
+    adapter_params: list[Any] = field(default_factory=list)
+    initial: Path | None = None  # the saved initial adapter, for inits that rewrite base weights
+    scheduler: Any = None
+
+    @property
+    def is_main(self) -> bool:
+        return self.world.rank == 0
+
+    def to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k: v.to(self.world.device) for k, v in batch.items()}
+
+    def run(self) -> dict[str, Any]:
+        cfg, family = self.cfg, family_of(self.cfg.adapter)
+        if self.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            cfg.dump(self.out / "trial.json")
+        model, splits, dtype, info = self._prepare()
+        self.reporter.on_setup(info)
+        engine = self._engine(model, dtype)
+        try:
+            result = self._train(engine, splits.train, splits.eval, info)
+            self._probe(engine, splits.eval)
+            artifacts.save_adapter(engine.module, self.out / artifacts.ADAPTER_DIR, self.adapter_params,
+                                   initial=self.initial, is_main=self.is_main)
+        finally:
+            engine.destroy()
+        if self.is_main:
+            result["adapter_bytes"] = artifacts.dir_bytes(self.out / artifacts.ADAPTER_DIR)
+            result["peak_memory_mb"] = peak_memory_mb(self.world.device)
+            result["wall_s"] = time.perf_counter() - self.started
+            artifacts.write_json(self.out / "metrics.json", {
+                "trial_id": cfg.trial_id,
+                "variant": family.variant(cfg.adapter),
+                "metrics": result,
+                "evals": self.evals,
+                "steps": self.steps,
+                "setup": info,
+                "versions": artifacts.versions(),
+            })
+        result = broadcast(result)
+        self.reporter.on_end(result, str(self.out))
+        return result
+
+    def _prepare(self):
+        """Data, base model, adapter: everything before DeepSpeed, with the static facts."""
+        import torch
+
+        cfg, family, f = self.cfg, family_of(self.cfg.adapter), self.cfg.adapter
+        tokenizer = load_tokenizer(cfg.model)
+        self.pad_id = tokenizer.pad_token_id
+        splits = load_splits(cfg.data, tokenizer, cfg.seed)  # bad data fails here, before the model loads
+        log.info("data: %d train, %d eval examples", len(splits.train), len(splits.eval))
+        dtype = resolve_dtype(cfg.deepspeed.precision, self.world.device.type == "cuda")
+        model = load_model(cfg.model, dtype).to(self.world.device)
+        base_params = count_params(model)[1]
+        base_ids = {id(p) for p in model.parameters()}
+
+        # Random and data-dependent inits must agree on every rank (ZeRO-3 keeps each rank's
+        # own copy of its partition, nothing re-broadcasts it): same seed, same calibration.
+        torch.manual_seed(cfg.seed)
+        calibration = None
+        if family.needs_calibration(f):
+            chosen = calibration_examples(splits.train, family.calibration_size(f), cfg.seed)
+            calibration = Calibration([self.to_device(self._inputs([e])) for e in chosen])
+        log.info("model loaded; wrapping with %s", family.variant(f))
+        model = family.wrap(model, f, calibration)
+        # What PEFT added: under ZeRO-3 exactly these are gathered to save the adapter.
+        self.adapter_params = [p for p in model.parameters() if id(p) not in base_ids]
+        if not same_on_all_ranks(_init_fingerprint(model, self.adapter_params), self.world.device):
+            raise RuntimeError(f"the {family.variant(f)} adapter initialized differently on different workers; "
+                               "its initialization must be seeded and calibrated identically on every rank")
+        self.initial = self.out / artifacts.INITIAL_ADAPTER_DIR if family.changes_base_weights(f) else None
+        if self.initial is not None and self.is_main:
+            artifacts.save_initial_adapter(model, self.initial)
+
+        trainable, total = count_params(model)
+        log.info("wrapped: %d trainable of %d parameters", trainable, total)
+        info = {
+            "trainable_params": trainable,
+            "total_params": total,
+            "trainable_percent": 100 * trainable / base_params,
+            "base_params": base_params,
+            "effective": effective_values(model, family.effective_attrs),
+            "world_size": self.world.size,
+            "zero_stage": cfg.deepspeed.zero_stage,
+            "dtype": str(dtype).removeprefix("torch."),
+            "device": self.world.device.type,
+            "train_examples": len(splits.train),
+            "eval_examples": len(splits.eval),
+        }
+        return model, splits, dtype, info
+
+    def _inputs(self, batch: list[Example]) -> dict[str, torch.Tensor]:
+        b = collate(batch, self.pad_id)
+        return {"input_ids": b["input_ids"], "attention_mask": b["attention_mask"]}
+
+    def _engine(self, model, dtype):
+        import deepspeed
+        import torch
+
+        tc = self.cfg.trainer
+        # A torch optimizer: DeepSpeed's own Adam JIT-compiles a native op (~75 s on CPU).
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
+                                      lr=tc.learning_rate, weight_decay=tc.weight_decay)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(tc.max_steps, tc.warmup_ratio))
+        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                               config=deepspeed_config(self.cfg, self.world.size, dtype))
+        self.scheduler = scheduler
+        return engine
+
+    def _train(self, engine, train: list[Example], eval_: list[Example], info: dict[str, Any]) -> dict[str, Any]:
+        tc, rank, size = self.cfg.trainer, self.world.rank, self.world.size
+        batches = train_batches(train, tc.batch_size, rank, size, self.cfg.seed)
+        evals = eval_batches(eval_, tc.batch_size, rank, size, tc.eval_batches)
+        setup_s = time.perf_counter() - self.started
+        log.info("DeepSpeed ready (ZeRO stage %d, %d workers)", self.cfg.deepspeed.zero_stage, size)
+        before = self._evaluate(engine, evals, 0)
+        tokens, train_s, last_loss = 0, 0.0, float("nan")
+        for step in range(1, tc.max_steps + 1):
+            t0 = time.perf_counter()
+            lr = self.scheduler.get_last_lr()[0]
+            losses = []
+            for _ in range(tc.gradient_accumulation_steps):
+                batch = self.to_device(collate(next(batches), self.pad_id))
+                tokens += int(batch["attention_mask"].sum())
+                loss = engine(**batch).loss
+                engine.backward(loss)
+                engine.step()
+                losses.append(loss.item())
+            last_loss = sum(losses) / len(losses)
+            # Decided together, so no rank raises while the others wait in a collective.
+            if all_sum([0.0 if math.isfinite(last_loss) else 1.0], self.world.device)[0]:
+                raise TrialError(f"non-finite loss at step {step} (lower trainer.learning_rate or check the data)")
+            train_s += time.perf_counter() - t0
+            self.steps.append({"step": step, "train_loss": last_loss, "learning_rate": lr})
+            self.reporter.on_step(step, {"train_loss": last_loss, "learning_rate": lr})
+            if step % tc.eval_every == 0 or step == tc.max_steps:
+                final = self._evaluate(engine, evals, step)
+        total_tokens = all_sum([float(tokens)], self.world.device)[0]
+        return {
+            **final,
+            "eval_loss_before": before["eval_loss"],
+            "train_loss": last_loss,
+            "learning_rate": lr,
+            "tokens_per_s": total_tokens / train_s,
+            "s_per_step": train_s / tc.max_steps,
+            "trainable_params": info["trainable_params"],
+            "total_params": info["total_params"],
+            "trainable_percent": info["trainable_percent"],
+            "setup_s": setup_s,
+            "train_s": train_s,
+        }
+
+    def _evaluate(self, engine, batches: list[list[Example]], step: int) -> dict[str, float]:
+        """Mean CE and greedy accuracy over the response tokens of all ranks' eval shards."""
+        import torch
+        import torch.nn.functional as F
+
+        engine.eval()
+        loss_sum = correct = count = 0.0
+        with torch.no_grad():
+            for b in batches:
+                batch = self.to_device(collate(b, self.pad_id))
+                logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                logits, labels = logits[:, :-1].float(), batch["labels"][:, 1:]
+                mask = labels != IGNORE
+                loss_sum += F.cross_entropy(logits[mask], labels[mask], reduction="sum").item()
+                correct += (logits[mask].argmax(-1) == labels[mask]).sum().item()
+                count += mask.sum().item()
+        engine.train()
+        loss_sum, correct, count = all_sum([loss_sum, correct, count], self.world.device)
+        loss = loss_sum / count
+        metrics = {
+            "step": step,
+            "eval_loss": loss,
+            "eval_perplexity": math.exp(loss) if loss < 700 else math.inf,
+            "eval_token_accuracy": correct / count,
+        }
+        self.evals.append(metrics)
+        self.reporter.on_eval(step, dict(metrics))
+        return metrics
+
+    def _probe(self, engine, eval_: list[Example]) -> None:
+        """Logits of the trained model on a fixed batch, so a reload can be checked against them.
+        Every rank runs the forward (ZeRO-3 gathers parameters collectively); rank 0 saves."""
+        import torch
+
+        inputs = self._inputs(eval_[:PROBE_EXAMPLES])
+        engine.eval()
+        with torch.no_grad():
+            logits = engine(**self.to_device(inputs)).logits.float().cpu()
+        if self.is_main:
+            torch.save({**inputs, "logits": logits}, self.out / artifacts.PROBE_FILE)
