@@ -60,11 +60,6 @@ class TrialRun:
     def failed(self) -> bool:
         return self.status == "FAILED"
 
-    def value(self, name: str) -> Any:
-        """A typed param value (params are stored as strings)."""
-        raw = self.params.get(name)
-        return None if raw is None else parse_param(raw)
-
 
 @dataclass
 class Sweep:
@@ -110,15 +105,11 @@ def unflatten(params: dict[str, str]) -> dict[str, Any]:
 
 
 def absolute_uri(uri: str, base: Path) -> str:
-    """Make a relative sqlite or file-store path absolute against `base` (the spec's folder)."""
-    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        rel = uri[len("sqlite:///"):]
-        if rel and not rel.startswith(":memory:"):
-            return "sqlite:///" + str((base / rel).resolve())
-        return uri
-    if "://" not in uri and not uri.startswith("/"):
-        return str((base / uri).resolve())
-    return uri
+    """Make a relative sqlite or file-store path absolute against `base`, by the same rule
+    `sweep run` applies, so both find the same store."""
+    from sweep.tracking import absolute_uri as run_rule
+
+    return run_rule(uri, base)
 
 
 def pick_tracking_uri(cli_uri: str | None, spec_uri: str | None = None, spec_dir: Path | None = None) -> str:
@@ -135,12 +126,12 @@ def pick_tracking_uri(cli_uri: str | None, spec_uri: str | None = None, spec_dir
 
 def check_store(uri: str) -> None:
     """Fail fast and clearly where MLflow would create an empty store or retry for minutes."""
-    if uri.startswith("sqlite:///"):
-        path = Path(uri[len("sqlite:///"):])
-        if not path.is_file():
+    if uri.startswith(("sqlite:///", "file://")):
+        path = Path(uri[len("sqlite:///"):] if uri.startswith("sqlite") else uri[len("file://"):])
+        if not path.exists():
             raise SweepLookupError(
                 [f"no MLflow store at {path} (from tracking URI {uri}); "
-                 "pass --tracking-uri, set MLFLOW_TRACKING_URI, or run this where `sweep run` wrote it"]
+                 "pass the sweep's spec path (its tracking.uri is used), --tracking-uri, or set MLFLOW_TRACKING_URI"]
             )
     elif uri.startswith(("http://", "https://")):
         import urllib.error
@@ -183,6 +174,8 @@ def find_sweep(client: MlflowClient, tracking_uri: str, name: str | None = None,
     """
     from mlflow.exceptions import MlflowException
 
+    if name is not None and "'" in name:  # it would break out of the search filter's quotes
+        raise SweepLookupError([f"no sweep named {name!r} (sweep names are letters, digits, _ . -)"])
     try:
         if experiment is not None:
             exp = client.get_experiment_by_name(experiment)
@@ -258,7 +251,7 @@ def _read_declaration(client: MlflowClient, sweep: Sweep, parent: Run) -> None:
     name = declared.get("name") or fields.get("metric.name") or fields.get("metric") or "eval_loss"
     known = METRICS.get(name)
     default_goal = known.goal if known is not None and known.goal != "none" else "minimize"
-    goal = declared.get("goal") or fields.get("metric.goal") or default_goal
+    goal = declared.get("goal") or fields.get("metric.goal") or fields.get("goal") or default_goal
     sweep.metric, sweep.goal = str(name), str(goal)
 
 

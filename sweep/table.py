@@ -17,7 +17,7 @@ import statistics
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
-from sweep.lookup import Sweep, TrialRun, load_sweep, load_trials
+from sweep.lookup import Sweep, TrialRun, load_sweep, load_trials, parse_param
 from trials.adapters import FAMILIES
 from trials.metrics import METRICS
 
@@ -71,7 +71,8 @@ class Row:
     other: int  # running, killed or scheduled: neither a result nor a failure
     cells: dict[str, Cell]
     trainable_params: float | None
-    best_config: dict[str, Any]  # hyperparameters that vary in the sweep, as the best config set them
+    best_config: dict[str, Any]  # hyperparameters that vary (in the row, or outside the adapter across the sweep)
+    adapter: dict[str, Any]  # the best config's adapter fields (typed, without the `adapter.` prefix)
     config_runs: list[str]  # run ids of the best config's finished seeds
     best_trial_run: str | None  # the single best finished trial of the row
     best_trial_id: str | None
@@ -150,10 +151,6 @@ def columns_for(metric: str, goal: str) -> list[Column]:
     return [column(metric, goal)] + [column(k) for k in MEASURED if k != metric]
 
 
-def better(a: float, b: float, goal: str) -> bool:
-    return a < b if goal == "minimize" else a > b
-
-
 def _mean_std(values: list[float]) -> tuple[float | None, float | None]:
     if not values:
         return None, None
@@ -175,9 +172,7 @@ def _varying(trials: Sequence[TrialRun]) -> list[str]:
         for k, v in t.params.items():
             if k not in NOT_CONFIG:
                 seen.setdefault(k, set()).add(v)
-    # A param some trials lack (e.g. adapter.r for ln_tuning) varies too, but only where set.
-    keys = {k for t in trials for k in t.params} - NOT_CONFIG
-    return sorted(k for k in keys if len(seen.get(k, ())) > 1)
+    return sorted(k for k, values in seen.items() if len(values) > 1)
 
 
 def best_trial(trials: Iterable[TrialRun], metric: str, goal: str) -> TrialRun | None:
@@ -227,6 +222,9 @@ def build_rows(
         family = FAMILIES.get(members[0].adapter_type)
         top = best_trial(members, metric, goal)
         config = dict(best_key)
+        # What tells this row's configs apart, plus sweep-wide choices outside the adapter (e.g. the
+        # learning rate); the adapter's own key fields are described by the catalogue instead.
+        shown = set(_varying(done)) | {k for k in varying if not k.startswith("adapter.")}
         trainable = [v for t in best_runs if (v := _metric_of(t, "trainable_params")) is not None]
         rows.append(
             Row(
@@ -238,7 +236,8 @@ def build_rows(
                 other=sum(not t.finished and not t.failed for t in members),
                 cells=cells,
                 trainable_params=statistics.fmean(trainable) if trainable else None,
-                best_config={k: _typed(config[k]) for k in varying if k in config},
+                best_config={k: _typed(config[k]) for k in sorted(shown) if k in config},
+                adapter={k.removeprefix("adapter."): _typed(v) for k, v in config.items() if k.startswith("adapter.")},
                 config_runs=[t.run_id for t in best_runs],
                 best_trial_run=top.run_id if top else None,
                 best_trial_id=top.trial_id if top else None,
@@ -285,8 +284,6 @@ def build_table(client: MlflowClient, parent_run_id: str | Sweep, by: Sequence[s
 
 
 def _typed(raw: Any) -> Any:
-    from sweep.lookup import parse_param
-
     return parse_param(raw) if isinstance(raw, str) else raw
 
 
@@ -351,14 +348,25 @@ def _trials_text(row: Row) -> str:
     return text
 
 
+def _describe_adapter(row: Row) -> str | None:
+    family = FAMILIES.get(row.adapter_type)
+    if family is None or not row.adapter:
+        return None
+    try:
+        fields = family.fields.model_validate({k: v for k, v in row.adapter.items() if v is not None})
+    except Exception:  # params from another version of the catalogue: fall back to the raw values
+        return None
+    return family.describe(fields)
+
+
 def _hparams_text(row: Row) -> str:
-    if not row.best_config:
-        return "—"
-    short = {}
+    described = _describe_adapter(row)
+    parts = [described] if described else []
     for k, v in row.best_config.items():
-        name = k.split(".", 1)[-1] if "." in k else k
-        short[name if name not in short else k] = v
-    return ", ".join(f"{k}={_plain(v)}" for k, v in short.items())
+        if described is not None and k.startswith("adapter."):
+            continue
+        parts.append(f"{k.split('.', 1)[-1]}={_plain(v)}")
+    return " ".join(parts) or "—"
 
 
 def _header(col: Column, table: Table) -> str:
@@ -405,7 +413,7 @@ def to_markdown(table: Table) -> str:
         + f". Ranked by `{table.metric}` ({table.goal}).",
         "Each row reports its best configuration (best mean over seeds); failed and unfinished trials are counted, never averaged. "
         "Bold: best in its column. " + directions + ".",
-        "Extra params (approx.) is the typical range for 7-8B models; Trainable (measured) is this sweep's model.",
+        "Extra params (approx.) is the catalogue's typical range; Trainable (measured) is what this sweep's model trained.",
     ]
     return "\n".join(out + notes) + "\n"
 

@@ -1,0 +1,179 @@
+"""Export the best trial: a Ludwig-style YAML, the PEFT adapter, its TrialConfig, and a
+one-trial sweep spec that `sweep run` can re-run."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import yaml
+
+from sweep.lookup import Sweep, SweepLookupError, TrialRun, load_sweep, load_trials, require_trials, unflatten
+from sweep.table import best_trial
+from trials.adapters import FAMILIES
+from trials.config import TrialConfig
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
+
+
+@dataclass
+class Exported:
+    out_dir: Path
+    trial: TrialRun
+    config: TrialConfig
+    value: float
+    files: list[Path]
+
+
+def trial_config(client: MlflowClient, trial: TrialRun) -> TrialConfig:
+    """The trial's TrialConfig from its `trial.json` artifact (else rebuilt from its params)."""
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            local = client.download_artifacts(trial.run_id, "trial.json", tmp)
+            return TrialConfig.model_validate_json(Path(local).read_text())
+    except Exception:  # older or partial runs: the flattened params hold the same fields
+        try:
+            return TrialConfig.model_validate(unflatten({k: v for k, v in trial.params.items()}))
+        except Exception as err:
+            raise SweepLookupError(
+                [f"run {trial.run_id} ({trial.trial_id}) has no trial.json artifact and its params do not form a TrialConfig: {err}"]
+            ) from None
+
+
+def ludwig_config(config: TrialConfig) -> dict[str, Any]:
+    """The trial as a Ludwig LLM config, in the seed page's shape."""
+    family = FAMILIES[config.adapter.type]
+    t = config.trainer
+    trainer: dict[str, Any] = {
+        "type": "finetune",
+        "learning_rate": t.learning_rate,
+        "batch_size": t.batch_size,
+        "gradient_accumulation_steps": t.gradient_accumulation_steps,
+        "train_steps": t.max_steps,
+        "learning_rate_scheduler": {"warmup_fraction": t.warmup_ratio, "decay": "cosine"},
+        "optimizer": {"type": "adamw", "weight_decay": t.weight_decay},
+    }
+    if t.max_grad_norm > 0:
+        trainer["gradient_clipping"] = {"clipglobalnorm": t.max_grad_norm}
+    return {
+        "model_type": "llm",
+        "base_model": config.model.base_model,
+        "input_features": [{"name": config.data.prompt_field, "type": "text"}],
+        "output_features": [{"name": config.data.response_field, "type": "text"}],
+        "adapter": family.ludwig(config.adapter),
+        "trainer": trainer,
+        "preprocessing": {"global_max_sequence_length": config.data.max_length},
+    }
+
+
+def one_trial_spec(config: TrialConfig, sweep: Sweep, name: str) -> dict[str, Any]:
+    """A sweep spec whose expansion is exactly this trial (absolute paths, so it runs from anywhere)."""
+    original = sweep.spec or {}
+    spec: dict[str, Any] = {
+        "name": name,
+        "model": config.model.model_dump(mode="json"),
+        "data": config.data.model_dump(mode="json", exclude_none=True),
+        "search": {
+            "strategy": "grid",
+            "seeds": [config.seed],
+            "adapters": [_type_first(config.adapter.model_dump(mode="json", exclude_none=True))],
+            "trainer": config.trainer.model_dump(mode="json", exclude_none=True),
+        },
+        "metric": {"name": sweep.metric, "goal": sweep.goal},
+        "deepspeed": config.deepspeed.model_dump(mode="json"),
+        "tracking": {"uri": sweep.tracking_uri, "experiment": sweep.experiment_name},
+    }
+    for section in ("resources", "failure"):
+        if isinstance(original.get(section), dict):
+            spec[section] = original[section]
+    return spec
+
+
+def _type_first(item: dict[str, Any]) -> dict[str, Any]:
+    return {"type": item["type"], **{k: v for k, v in item.items() if k != "type"}}
+
+
+def _yaml(data: dict[str, Any], header: str = "") -> str:
+    body = yaml.safe_dump(data, sort_keys=False, default_flow_style=False, allow_unicode=True)
+    return (header + body) if header else body
+
+
+def _download_dir(client: MlflowClient, run_id: str, path: str, dest: Path) -> bool:
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            local = Path(client.download_artifacts(run_id, path, tmp))
+        except Exception:
+            return False
+        if not local.exists() or (local.is_dir() and not any(local.iterdir())):
+            return False
+        if dest.exists():
+            shutil.rmtree(dest) if dest.is_dir() else dest.unlink()
+        shutil.copytree(local, dest) if local.is_dir() else shutil.copy2(local, dest)
+    return True
+
+
+def export_trial(client: MlflowClient, sweep: Sweep, trial: TrialRun, out_dir: str | Path, *, spec_name: str, among: int) -> Exported:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    config = trial_config(client, trial)
+    value = trial.metrics[sweep.metric]
+    if not _download_dir(client, trial.run_id, "adapter", out / "adapter"):
+        raise SweepLookupError([f"run {trial.run_id} ({trial.trial_id}) has no `adapter/` artifact to export"])
+    header = (
+        f"# peft-sweep {sweep.name}: best of {among} finished trials by {sweep.metric} ({sweep.goal}) = {value:.6g}\n"
+        f"# trial {trial.trial_id}, MLflow run {trial.run_id} at {sweep.tracking_uri}\n"
+        "# The trained PEFT adapter is in ./adapter (load with PeftModel.from_pretrained).\n"
+    )
+    (out / "best.yaml").write_text(_yaml(ludwig_config(config), header))
+    config.dump(out / "trial.json")
+    spec_header = f"# One-trial sweep reproducing {trial.trial_id} of sweep {sweep.name}: `sweep run spec.yaml`.\n"
+    (out / "spec.yaml").write_text(_yaml(one_trial_spec(config, sweep, spec_name), spec_header))
+    files = [out / "best.yaml", out / "adapter", out / "trial.json", out / "spec.yaml"]
+    if _download_dir(client, trial.run_id, "metrics.json", out / "metrics.json"):
+        files.append(out / "metrics.json")
+    return Exported(out, trial, config, value, files)
+
+
+def _dir_name(variant: str) -> str:
+    return variant.replace("+", "-")
+
+
+def export_best(
+    client: MlflowClient, parent_run_id: str | Sweep, out_dir: str | Path, *, by_variant: bool = False
+) -> list[Exported]:
+    """Export the best finished trial (or, with by_variant, the best of each variant into
+    `out_dir/<variant>/`). Ties on the metric go to fewer trainable params."""
+    sweep = parent_run_id if isinstance(parent_run_id, Sweep) else load_sweep(client, parent_run_id)
+    trials = load_trials(client, sweep)
+    require_trials(trials, sweep, finished=True)
+    out = Path(out_dir)
+    groups: dict[str, list[TrialRun]] = {}
+    if by_variant:
+        for t in trials:
+            groups.setdefault(t.variant, []).append(t)
+    else:
+        groups[""] = trials
+    results = []
+    for variant, members in sorted(groups.items()):
+        top = best_trial(members, sweep.metric, sweep.goal)
+        if top is None:
+            continue
+        among = sum(t.finished for t in members)
+        suffix = f"-{_dir_name(variant)}" if variant else ""
+        results.append(
+            export_trial(client, sweep, top, out / _dir_name(variant) if variant else out, spec_name=f"{sweep.name}{suffix}-best", among=among)
+        )
+    if not results:
+        raise SweepLookupError([f"no finished trial of sweep {sweep.name!r} logged the metric {sweep.metric!r}"])
+    if by_variant:
+        index = [
+            {"variant": e.trial.variant, "dir": e.out_dir.name, "trial_id": e.trial.trial_id, "run_id": e.trial.run_id, sweep.metric: e.value}
+            for e in results
+        ]
+        (out / "export.json").write_text(json.dumps({"sweep": sweep.name, "metric": sweep.metric, "goal": sweep.goal, "variants": index}, indent=2) + "\n")
+    return results

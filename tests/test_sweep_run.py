@@ -1,0 +1,249 @@
+"""`sweep run` / `sweep resume` / `sweep status` end to end, with real components only.
+
+One Ray head (2 CPUs) and one `mlflow server` serve the whole session (tests/services.py).
+Every trial is a Ray Tune trial running a Ray Train job of 2 workers, each a real DeepSpeed
+ZeRO-2 engine on CPU training a real PEFT adapter on the project's tiny Llama. What the
+sweep recorded is checked through MLflow's REST API, the way any client would read it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from services import metrics, params, tags
+
+pytestmark = pytest.mark.slow
+
+MAX_STEPS, EVAL_EVERY = 6, 3
+
+
+def write_spec(root: Path, name: str, model: Path, uri: str, adapters: list[dict[str, Any]], **extra: Any) -> Path:
+    spec = {
+        "name": name,
+        "model": {"base_model": str(model)},
+        "data": {"train": str(model / "task" / "train.jsonl"), "eval": str(model / "task" / "eval.jsonl"), "max_length": 32},
+        "search": {
+            "strategy": "grid",
+            "seeds": [0],
+            "adapters": adapters,
+            "trainer": {"learning_rate": 1.0e-3, "max_steps": MAX_STEPS, "batch_size": 8, "eval_every": EVAL_EVERY,
+                        "eval_batches": 2},
+        },
+        "resources": {"workers_per_trial": 2, "cpus_per_worker": 1, "gpus_per_worker": 0, "max_concurrent_trials": 1},
+        "deepspeed": {"zero_stage": 2},
+        "tracking": {"uri": uri},
+        **extra,
+    }
+    root.mkdir(parents=True, exist_ok=True)
+    path = root / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
+
+
+THREE_TRIALS = [
+    {"type": "lora", "r": [4, 8], "alpha": 16, "target_modules": ["q_proj", "v_proj"]},
+    {"type": "c3a", "block_size": 32, "trainer": {"learning_rate": 0.05}},
+]
+
+
+def sweep_cli(*args: str, cluster, timeout: float = 600, **popen: Any):
+    env = {**os.environ, **cluster.client_env, "PYTHONUNBUFFERED": "1"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    cmd = [sys.executable, "-m", "sweep", *args]
+    if popen.pop("background", False):
+        return subprocess.Popen(cmd, env=env, stdout=popen.pop("stdout"), stderr=subprocess.STDOUT, **popen)
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, **popen)
+
+
+def planned_ids(spec: Path) -> dict[str, dict[str, Any]]:
+    from sweep.plan import make_plan
+    from sweep.spec import load_spec
+
+    s, d = load_spec(spec)
+    return {t.trial.trial_id: t.trial.model_dump(mode="json") for t in make_plan(s, d).trials}
+
+
+def sweep_runs(server, name: str, view: str = "ACTIVE_ONLY") -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    exp = server.experiment_id(name)
+    assert exp is not None, f"no experiment {name}"
+    runs = server.search(exp, view=view)
+    parents = [r for r in runs if tags(r).get("peft_sweep.role") == "sweep"]
+    assert len(parents) == 1, [tags(r) for r in parents]
+    parent = parents[0]
+    children = [r for r in runs if tags(r).get("mlflow.parentRunId") == parent["info"]["run_id"]]
+    return parent, children
+
+
+def by_status(children: list[dict[str, Any]]) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for r in children:
+        out.setdefault(r["info"]["status"], []).append(tags(r)["trial_id"])
+    return out
+
+
+def show(result) -> str:
+    return f"exit {result.returncode}\n--- stdout\n{result.stdout[-6000:]}\n--- stderr\n{result.stderr[-6000:]}"
+
+
+@pytest.fixture(scope="module")
+def finished_sweep(tmp_path_factory, tiny_model, mlflow_server, ray_cluster):
+    root = tmp_path_factory.mktemp("run-ok")
+    spec = write_spec(root, "e2e-ok", tiny_model, mlflow_server.uri, THREE_TRIALS)
+    started = time.time()
+    result = sweep_cli("run", str(spec), "--address", ray_cluster.address, "--quiet", cluster=ray_cluster)
+    return {"spec": spec, "root": root, "result": result, "wall_s": time.time() - started}
+
+
+def test_run_records_one_finished_child_per_trial(finished_sweep, mlflow_server):
+    result = finished_sweep["result"]
+    assert result.returncode == 0, show(result)
+    planned = planned_ids(finished_sweep["spec"])
+    assert len(planned) == 3 and {c["adapter"]["type"] for c in planned.values()} == {"lora", "c3a"}
+
+    parent, children = sweep_runs(mlflow_server, "e2e-ok")
+    ptags = tags(parent)
+    assert parent["info"]["status"] == "FINISHED"
+    assert ptags["sweep"] == "e2e-ok" and ptags["peft_sweep.role"] == "sweep"
+    assert ptags["version.ray"] and ptags["version.mlflow"] and ptags["version.deepspeed"]
+    parent_id = parent["info"]["run_id"]
+    assert {f["path"] for f in mlflow_server.artifacts(parent_id)} >= {"spec.yaml", "plan.json"}
+    plan = json.loads(mlflow_server.download(parent_id, "plan.json"))
+    assert sorted(t["trial_id"] for t in plan["trials"]) == sorted(planned)
+
+    assert set(by_status(children)) == {"FINISHED"}
+    assert sorted(tags(r)["trial_id"] for r in children) == sorted(planned)  # exactly one per trial
+    for run in children:
+        run_id, t, p, m = run["info"]["run_id"], tags(run), params(run), metrics(run)
+        cfg = planned[t["trial_id"]]
+        assert t["sweep"] == "e2e-ok" and t["adapter.type"] == cfg["adapter"]["type"]
+        assert t["adapter.variant"] == cfg["adapter"]["type"]  # default init: the family name
+        assert len(t["ray.node_id"]) > 20
+        # Every TrialConfig field, flattened with dots.
+        assert float(p["trainer.learning_rate"]) == cfg["trainer"]["learning_rate"]
+        assert p["seed"] == "0" and p["deepspeed.zero_stage"] == "2"
+        assert p["trainer.max_steps"] == str(MAX_STEPS) and p["model.base_model"] == cfg["model"]["base_model"]
+        if cfg["adapter"]["type"] == "lora":
+            assert p["adapter.r"] == str(cfg["adapter"]["r"]) and p["adapter.init_lora_weights"] == "default"
+            assert json.loads(p["adapter.target_modules"]) == ["q_proj", "v_proj"]
+        else:
+            assert p["adapter.block_size"] == "32"
+        for key in ("eval_loss", "eval_token_accuracy", "train_loss", "tokens_per_s", "train_s", "setup_s", "wall_s",
+                    "trainable_params", "adapter_bytes", "eval_loss_before"):
+            assert key in m, (key, sorted(m))
+        # Metrics with their steps: train_loss every step (batched), eval_loss before training and at each eval.
+        assert [h["step"] for h in mlflow_server.history(run_id, "train_loss")] == list(range(1, MAX_STEPS + 1))
+        assert sorted(h["step"] for h in mlflow_server.history(run_id, "eval_loss")) == [0, 3, 6]
+        # Artifacts, uploaded by the rank-0 worker, downloadable from the server.
+        top = {f["path"] for f in mlflow_server.artifacts(run_id)}
+        assert {"adapter", "trial.json", "metrics.json", "adapter.yaml"} <= top, top
+        assert {"adapter/adapter_config.json", "adapter/adapter_model.safetensors"} <= {
+            f["path"] for f in mlflow_server.artifacts(run_id, "adapter")}
+        config = json.loads(mlflow_server.download(run_id, "adapter/adapter_config.json"))
+        assert config["peft_type"] == {"lora": "LORA", "c3a": "C3A"}[cfg["adapter"]["type"]]
+        assert len(mlflow_server.download(run_id, "adapter/adapter_model.safetensors")) > 1000
+        assert json.loads(mlflow_server.download(run_id, "trial.json"))["trial_id"] == t["trial_id"]
+        ludwig = yaml.safe_load(mlflow_server.download(run_id, "adapter.yaml"))
+        assert ludwig["adapter"]["type"] == cfg["adapter"]["type"]
+    print(f"\n3-trial sweep wall time: {finished_sweep['wall_s']:.1f}s")
+
+
+def test_status_lists_every_trial(finished_sweep, ray_cluster):
+    storage = finished_sweep["root"] / "runs" / "e2e-ok"
+    result = sweep_cli("status", str(storage), "--json", cluster=ray_cluster)
+    assert result.returncode == 0, show(result)
+    report = json.loads(result.stdout)
+    assert report["sweep"]["status"] == "finished"
+    assert [t["mlflow"] for t in report["trials"]] == ["FINISHED"] * 3
+    assert [t["tune"] for t in report["trials"]] == ["TERMINATED"] * 3
+    assert all(isinstance(t["metric"], float) for t in report["trials"])
+    # by spec path as well, and the human table
+    table = sweep_cli("status", str(finished_sweep["spec"]), cluster=ray_cluster)
+    assert table.returncode == 0 and "e2e-ok" in table.stdout, show(table)
+
+
+def test_failed_trial_is_recorded_and_the_rest_finish(tmp_path, tiny_model, mlflow_server, ray_cluster):
+    # A learning rate the plan accepts (> 0) but training cannot: the optimizer's first update
+    # overflows float32 (torch raises; were it to produce inf instead, the runner's non-finite
+    # loss check would stop the trial at the next step).
+    adapters = [
+        {"type": "c3a", "block_size": 32, "trainer": {"learning_rate": 0.05}},
+        {"type": "lora", "r": 4, "alpha": 16, "target_modules": ["q_proj", "v_proj"], "trainer": {"learning_rate": 1.0e38}},
+    ]
+    spec = write_spec(tmp_path, "e2e-fail", tiny_model, mlflow_server.uri, adapters)
+    result = sweep_cli("run", str(spec), "--address", ray_cluster.address, "--quiet", cluster=ray_cluster)
+    assert result.returncode == 1, show(result)
+    assert "1 finished, 1 failed" in result.stdout, show(result)
+
+    _, children = sweep_runs(mlflow_server, "e2e-fail")
+    states = by_status(children)
+    assert sorted(states) == ["FAILED", "FINISHED"] and len(states["FAILED"]) == len(states["FINISHED"]) == 1, states
+    failed = next(r for r in children if r["info"]["status"] == "FAILED")
+    assert tags(failed)["adapter.type"] == "lora"
+    error = tags(failed)["error"]
+    assert "overflow" in error or "non-finite loss" in error, error
+    assert f"failed   {tags(failed)['trial_id']}: {error}" in result.stdout, show(result)  # the --quiet event line
+    text = mlflow_server.download(failed["info"]["run_id"], "error.txt").decode()
+    assert "Traceback" in text and error.split(": ", 1)[-1] in text
+
+
+def test_resume_after_the_driver_is_killed(tmp_path, tiny_model, mlflow_server, ray_cluster):
+    spec = write_spec(tmp_path, "e2e-resume", tiny_model, mlflow_server.uri, THREE_TRIALS)
+    planned = planned_ids(spec)
+    log = tmp_path / "run.log"
+    with log.open("wb") as fh:
+        driver = sweep_cli("run", str(spec), "--address", ray_cluster.address, "--quiet", cluster=ray_cluster,
+                           background=True, stdout=fh)
+    try:
+        deadline = time.time() + 400
+        first = None
+        while first is None:
+            assert driver.poll() is None, log.read_text()
+            assert time.time() < deadline, log.read_text()
+            time.sleep(1)
+            if mlflow_server.experiment_id("e2e-resume") is None:
+                continue
+            _, children = sweep_runs(mlflow_server, "e2e-resume")
+            done = [r for r in children if r["info"]["status"] == "FINISHED"]
+            first = done[0] if done else None
+        # Let the next trial get going, then kill the driver outright (no cleanup runs).
+        while not any(r["info"]["status"] == "RUNNING" for r in sweep_runs(mlflow_server, "e2e-resume")[1]):
+            assert time.time() < deadline and driver.poll() is None, log.read_text()
+            time.sleep(0.5)
+        time.sleep(3)
+        os.kill(driver.pid, signal.SIGKILL)
+        driver.wait(timeout=30)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+    _, children = sweep_runs(mlflow_server, "e2e-resume")
+    before = by_status(children)
+    assert "RUNNING" in before and len(before["FINISHED"]) == 1, before  # an orphan of the killed driver
+
+    status = sweep_cli("status", "e2e-resume", "--json", cluster=ray_cluster, cwd=tmp_path)
+    assert status.returncode == 0, show(status)
+    assert json.loads(status.stdout)["sweep"]["status"] == "running"  # killed: never closed
+
+    result = sweep_cli("resume", str(tmp_path / "runs" / "e2e-resume"), "--address", ray_cluster.address, "--quiet",
+                       cluster=ray_cluster)
+    assert result.returncode == 0, show(result)
+    parent, children = sweep_runs(mlflow_server, "e2e-resume")
+    assert parent["info"]["status"] == "FINISHED"
+    assert set(by_status(children)) == {"FINISHED"}
+    assert sorted(tags(r)["trial_id"] for r in children) == sorted(planned)  # exactly one per trial
+    # The trial finished before the kill was not run again: same run, same id.
+    assert first["info"]["run_id"] in {r["info"]["run_id"] for r in children}
+    # Nothing is left RUNNING, not even among the retired (deleted) orphans.
+    _, everything = sweep_runs(mlflow_server, "e2e-resume", view="ALL")
+    assert not [r for r in everything if r["info"]["status"] == "RUNNING"]
+    retired = [r for r in everything if r["info"]["lifecycle_stage"] == "deleted"]
+    assert retired and all(r["info"]["status"] == "KILLED" for r in retired)
