@@ -365,7 +365,9 @@ def init_ray(address: str | None, env: dict[str, str], *, verbose: bool) -> str 
         ignore_reinit_error=True,
     )
     if address is None:
-        info = ray.init(include_dashboard=True, **kwargs)
+        # Loopback keeps the embedded runtime reachable on hosts whose primary address is
+        # not routable to itself (containers, VMs with NAT).
+        info = ray.init(include_dashboard=True, dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1", **kwargs)
     else:
         try:
             info = ray.init(address=address, **kwargs)

@@ -247,3 +247,41 @@ def test_resume_after_the_driver_is_killed(tmp_path, tiny_model, mlflow_server, 
     assert not [r for r in everything if r["info"]["status"] == "RUNNING"]
     retired = [r for r in everything if r["info"]["lifecycle_stage"] == "deleted"]
     assert retired and all(r["info"]["status"] == "KILLED" for r in retired)
+
+
+def test_table_and_export_from_the_real_sweep(finished_sweep, mlflow_server, ray_cluster, tmp_path):
+    """The table is built from the measured runs; the exported best trial re-runs to the same metric."""
+    assert finished_sweep["result"].returncode == 0, show(finished_sweep["result"])
+    uri = mlflow_server.uri
+    result = sweep_cli("table", "e2e-ok", "--tracking-uri", uri, "--format", "json", "--plots", str(tmp_path / "plots"),
+                       cluster=ray_cluster)
+    assert result.returncode == 0, show(result)
+    table = json.loads(result.stdout)
+    _, children = sweep_runs(mlflow_server, "e2e-ok")
+    logged = {r["info"]["run_id"]: metrics(r) for r in children}
+    assert {r["variant"] for r in table["rows"]} == {"lora", "c3a"}
+    for row in table["rows"]:
+        best = row["best_trial"]
+        assert best["value"] == logged[best["run_id"]]["eval_loss"]
+        assert row["trainable_params"] == logged[best["run_id"]]["trainable_params"]
+        assert row["trials"] == {"finished": 2 if row["variant"] == "lora" else 1, "failed": 0, "other": 0}
+    assert sorted(p.name for p in (tmp_path / "plots").glob("*.png"))
+
+    out = tmp_path / "best"
+    result = sweep_cli("export", "e2e-ok", "--tracking-uri", uri, "--out", str(out), cluster=ray_cluster)
+    assert result.returncode == 0, show(result)
+    best = yaml.safe_load((out / "best.yaml").read_text())
+    assert best["model_type"] == "llm" and best["adapter"]["type"] in ("lora", "c3a")
+    assert (out / "adapter" / "adapter_config.json").is_file()
+    winner = min(logged.values(), key=lambda m: (m["eval_loss"], m["trainable_params"]))
+
+    # The exported one-trial spec re-runs (into its own experiment) to the same metric.
+    rerun = yaml.safe_load((out / "spec.yaml").read_text())
+    rerun["name"] = "e2e-rerun"
+    rerun["tracking"] = {"uri": uri, "experiment": "e2e-rerun"}
+    (out / "spec.yaml").write_text(yaml.safe_dump(rerun))
+    result = sweep_cli("run", str(out / "spec.yaml"), "--address", ray_cluster.address, "--quiet", cluster=ray_cluster)
+    assert result.returncode == 0, show(result)
+    _, again = sweep_runs(mlflow_server, "e2e-rerun")
+    assert len(again) == 1
+    assert metrics(again[0])["eval_loss"] == pytest.approx(winner["eval_loss"], abs=0.05)
