@@ -100,15 +100,9 @@ def ensure_experiment(c: MlflowClient, name: str, uri: str) -> str:
 
 
 def versions() -> dict[str, str]:
-    from importlib import metadata
+    from trials.artifacts import versions as package_versions
 
-    out = {}
-    for name in _VERSIONED:
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            pass
-    return out
+    return package_versions(_VERSIONED)
 
 
 def git_sha(folder: Path) -> str | None:
