@@ -325,13 +325,20 @@ def run(
 
     Exit code: 0 when every trial finished, 1 when any trial failed, 2 for a user error
     (nothing launched)."""
-    from sweep.launch import LaunchError, run_sweep
-    from sweep.state import StateError
+    from sweep.launch import run_sweep
 
     sweep_spec, spec_dir, result = _load_and_plan(spec)
+    _finish(lambda: run_sweep(sweep_spec, spec, spec_dir, result, address=address, storage_root=storage,
+                              tracking_uri=tracking_uri, quiet=quiet, verbose=verbose, console=out))
+
+
+def _finish(launch) -> None:
+    """Run a sweep launch and exit with its code; launch and state errors are user errors (exit 2)."""
+    from sweep.launch import LaunchError
+    from sweep.state import StateError
+
     try:
-        outcome = run_sweep(sweep_spec, spec, spec_dir, result, address=address, storage_root=storage,
-                            tracking_uri=tracking_uri, quiet=quiet, verbose=verbose, console=out)
+        outcome = launch()
     except (StateError, LaunchError) as e:
         fail([str(e)])
     except SpecError as e:
@@ -348,17 +355,10 @@ def resume(
     verbose: bool = typer.Option(False, "--verbose", help="Also stream Ray's and the workers' own logs."),
 ) -> None:
     """Continue an interrupted sweep: finished trials are kept, interrupted ones run again."""
-    from sweep.launch import LaunchError, resume_sweep
-    from sweep.state import StateError
+    from sweep.launch import resume_sweep
 
-    try:
-        outcome = resume_sweep(sweep, address=address, quiet=quiet, verbose=verbose, retry_failed=retry_failed,
-                               console=out)
-    except (StateError, LaunchError) as e:
-        fail([str(e)])
-    except SpecError as e:
-        fail(e.lines)
-    raise typer.Exit(outcome.exit_code)
+    _finish(lambda: resume_sweep(sweep, address=address, quiet=quiet, verbose=verbose, retry_failed=retry_failed,
+                                 console=out))
 
 
 @app.command()

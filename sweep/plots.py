@@ -48,14 +48,18 @@ def plot_eval_curves(client: MlflowClient, table: Table, path: str | Path, metri
         ax.set_ylabel(metric)
         ax.set_title(f"{table.sweep}: {metric} of the best trial per variant")
         ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=7, loc="best")
-        fig.tight_layout()
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, format="png")
-        return path
+        return _save(fig, ax, path)
     finally:
         plt.close(fig)
+
+
+def _save(fig, ax, path: str | Path) -> Path:
+    ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, format="png")
+    return path
 
 
 def pareto_front(points: Sequence[tuple[float, float]], goal: str) -> list[tuple[float, float]]:
@@ -92,12 +96,7 @@ def plot_pareto(table: Table, path: str | Path) -> Path | None:
         ax.set_ylabel(f"{table.metric} {ARROWS.get(table.goal, '')}".strip())
         ax.set_title(f"{table.sweep}: {table.metric} vs trainable % ({table.goal})")
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7, loc="best")
-        fig.tight_layout()
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, format="png")
-        return path
+        return _save(fig, ax, path)
     finally:
         plt.close(fig)
 
