@@ -286,20 +286,3 @@ def test_table_and_export_from_the_real_sweep(finished_sweep, mlflow_server, ray
     assert len(again) == 1
     assert metrics(again[0])["eval_loss"] == pytest.approx(winner["eval_loss"], abs=0.05)
 
-
-def test_optuna_with_asha(tmp_path, tiny_model, mlflow_server, ray_cluster):
-    """Optuna picks adapter configurations and learning rates; ASHA may stop trials early."""
-    adapters = [{"type": "lora", "r": [4, 8], "target_modules": ["q_proj", "v_proj"]}, {"type": "ln_tuning"}]
-    spec = write_spec(tmp_path, "e2e-optuna", tiny_model, mlflow_server.uri, adapters,
-                      scheduler={"type": "asha", "grace_period": 1, "reduction_factor": 2})
-    raw = yaml.safe_load(spec.read_text())
-    raw["search"].update(strategy="optuna", num_samples=3)
-    raw["search"]["trainer"].update(learning_rate={"distribution": "loguniform", "low": 1e-4, "high": 1e-2})
-    spec.write_text(yaml.safe_dump(raw))
-    result = sweep_cli("run", str(spec), "--address", ray_cluster.address, "--quiet", cluster=ray_cluster)
-    assert result.returncode == 0, show(result)
-    _, children = sweep_runs(mlflow_server, "e2e-optuna")
-    assert len(children) == 3 and set(by_status(children)) == {"FINISHED"}
-    lrs = [float(params(r)["trainer.learning_rate"]) for r in children]
-    assert all(1e-4 <= lr <= 1e-2 for lr in lrs) and len(set(lrs)) == 3
-    assert {tags(r)["adapter.type"] for r in children} <= {"lora", "ln_tuning"}
