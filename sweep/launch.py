@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 # and no CPU: with 0.01 CPU, 2 workers x 1 CPU deadlock on a 2-core node (measured), since
 # Tune holds the trial's 0.01 while the controller waits for 2.0 of the 2 CPUs.
 TRIAL_FN_RESOURCES = {"CPU": 0, "memory": 64 * 2**20}
+PLACEMENT_GROUP_KEY = "ray_placement_group"
 _PASS_ENV_PREFIXES = ("HF_", "TRANSFORMERS_", "PEFT_SWEEP_", "MLFLOW_", "DS_", "NCCL_", "TORCH_", "CUDA_VISIBLE")
 
 
@@ -66,6 +67,7 @@ class LaunchContext:
     candidates: list[dict[str, Any]] = field(default_factory=list)  # optuna: adapter + item index
     trainer_keys: dict[str, dict[str, str]] = field(default_factory=dict)  # optuna: item -> field -> space key
     finished: dict[str, dict[str, float]] = field(default_factory=dict)  # trial_id -> metrics, on resume
+    decision_board: str | None = None  # early stopping: where the scheduler's decisions are posted
 
     def describe(self, config: dict[str, Any]) -> tuple[str, str, int]:
         """(trial id, adapter variant, max_steps) of a Tune trial's config."""
@@ -126,7 +128,16 @@ class TrialDirNamer(TrialNamer):
 class _RayReporter:
     """Forwards evaluations to Ray Train (and so to Tune). Each report is a barrier across the
     trial's workers, so only evaluations are reported, never steps; the pre-training
-    evaluation (step 0) is logged to MLflow but not reported."""
+    evaluation (step 0) is logged to MLflow but not reported.
+
+    The final evaluation is reported from on_end, after the MLflow reporter has uploaded the
+    adapter and closed the run: a scheduler may stop a trial at any report (ASHA's top rung can
+    coincide with the last one), and nothing the trial produced may be lost to that."""
+
+    def __init__(self, max_steps: int, decision_board: str | None = None, tune_trial_id: str = ""):
+        self.max_steps = max_steps
+        self.decision_board = decision_board
+        self.tune_trial_id = tune_trial_id
 
     def on_setup(self, info):
         pass
@@ -135,14 +146,27 @@ class _RayReporter:
         pass
 
     def on_eval(self, step, metrics):
-        if step <= 0:
-            return
-        import ray.train
+        if not 0 < step < self.max_steps:
+            return False
+        self._report({**metrics, "step": step})
+        from sweep.early_stop import should_stop
 
-        ray.train.report({**metrics, "step": step})
+        return should_stop(self.decision_board, self.tune_trial_id, step)
 
     def on_end(self, result, out_dir):
-        pass
+        if result.get("early_stopped"):
+            return  # its last evaluation is reported already; another would land in the next rung
+        self._report({k: v for k, v in result.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
+
+    @staticmethod
+    def _report(metrics):
+        import ray
+        import ray.train
+
+        # The workers' placement group rides along, so the driver can release it if the trial
+        # is stopped early (see Reconciler).
+        pg = ray.get_runtime_context().get_placement_group_id()
+        ray.train.report({**metrics, PLACEMENT_GROUP_KEY: pg or ""})
 
 
 class _Fanout:
@@ -158,8 +182,7 @@ class _Fanout:
             r.on_step(step, metrics)
 
     def on_eval(self, step, metrics):
-        for r in self.reporters:
-            r.on_eval(step, metrics)
+        return any([bool(r.on_eval(step, metrics)) for r in self.reporters])
 
     def on_end(self, result, out_dir):
         for r in self.reporters:
@@ -186,7 +209,8 @@ def _worker_loop(config: dict[str, Any]) -> None:
     # Worker-local output: rank 0 uploads it to MLflow itself, so no shared filesystem is needed.
     out = Path(tempfile.mkdtemp(prefix=f"peft-sweep-{cfg.trial_id}-rank{rank}-"))
     try:
-        run_trial(cfg, out, _Fanout(mlflow_reporter, _RayReporter()))
+        run_trial(cfg, out, _Fanout(mlflow_reporter, _RayReporter(cfg.trainer.max_steps, config["run"].get("decision_board"),
+                                                         config["run"]["tune_trial_id"])))
     finally:
         shutil.rmtree(out, ignore_errors=True)
 
@@ -230,6 +254,7 @@ def sweep_trial(config: dict[str, Any], ctx: LaunchContext) -> None:
                 "variant": family.variant(cfg.adapter),
                 "tune_trial_id": tune_trial_id,
                 "attempt": attempt,
+                "decision_board": ctx.decision_board,
             },
             "adapter_block": family.ludwig(cfg.adapter),
         },
@@ -278,13 +303,34 @@ def make_trainable(ctx: LaunchContext):
 # --- the driver ---------------------------------------------------------------------------
 
 
+def release_placement_group(pg_hex: str) -> bool:
+    """Remove a Train run's placement group if it is still held; True when it was."""
+    from ray._raylet import PlacementGroupID
+    from ray.util.placement_group import PlacementGroup, placement_group_table, remove_placement_group
+
+    pg = PlacementGroup(PlacementGroupID(bytes.fromhex(pg_hex)))
+    if placement_group_table(pg).get("state") in (None, "REMOVED"):
+        return False
+    remove_placement_group(pg)
+    return True
+
+
 class Reconciler:
-    """Driver-side sink: closes child runs whose trial ended without closing them (a trial
-    stopped early by ASHA, or whose process died)."""
+    """Driver-side sink for trials that end without their own cleanup running: a trial
+    stopped early by ASHA (Tune ends its actor; the Train controller dies with it) or one
+    whose process died.
+
+    - MLflow: closes the trial's child run if still RUNNING (FINISHED + early_stopped tag
+      for a stopped trial, FAILED for an errored one).
+    - Ray: releases the Train workers' placement group if still held. Train V2 leaves that
+      to a detached cleaner actor, whose monitor thread dies on the first transient GCS
+      timeout (measured on a loaded 2-core node: the group leaked and the next trial waited
+      forever for its CPUs)."""
 
     def __init__(self, ctx: LaunchContext):
         self.ctx = ctx
         self.client = tracking.client(ctx.tracking_uri)
+        self.placement_groups: dict[str, str] = {}
 
     def _open_runs(self, trial: Any):
         runs = tracking.children(self.client, self.ctx.experiment_id, self.ctx.parent_run_id)
@@ -292,8 +338,17 @@ class Reconciler:
                 and r.info.status == "RUNNING"]
 
     def event(self, kind: str, trial: Any, result: dict | None = None) -> None:
+        if kind == "result" and result and result.get(PLACEMENT_GROUP_KEY):
+            self.placement_groups[trial.trial_id] = result[PLACEMENT_GROUP_KEY]
         if kind not in ("complete", "error"):
             return
+        pg = self.placement_groups.pop(trial.trial_id, None)
+        if pg:
+            try:
+                if release_placement_group(pg):
+                    log.info("released the placement group of stopped trial %s", trial)
+            except Exception as err:
+                log.warning("could not release the placement group of trial %s: %s", trial, err)
         try:
             for run in self._open_runs(trial):
                 if kind == "complete":
@@ -337,6 +392,14 @@ def worker_env(spec) -> dict[str, str]:
     return env
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def _is_local_address(address: str | None) -> bool:
     if address is None or address == "auto" or address == "local":
         return True
@@ -351,7 +414,7 @@ def init_ray(address: str | None, env: dict[str, str], *, verbose: bool) -> str 
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     import ray
 
-    runtime_env: dict[str, Any] = {"env_vars": env}
+    runtime_env: dict[str, Any] = {"env_vars": dict(env)}
     if not _is_local_address(address):
         # A remote cluster may not have this project installed: ship both packages.
         import sweep
@@ -359,18 +422,41 @@ def init_ray(address: str | None, env: dict[str, str], *, verbose: bool) -> str 
 
         runtime_env["py_modules"] = [str(Path(sweep.__file__).parent), str(Path(trials.__file__).parent)]
     kwargs: dict[str, Any] = dict(
-        runtime_env=runtime_env,
         log_to_driver=verbose,
         logging_level=logging.INFO if verbose else logging.WARNING,
         ignore_reinit_error=True,
     )
+    # Ray's state API, which Train's placement-group cleaner polls from inside the cluster,
+    # finds "the" cluster through RAY_ADDRESS or /tmp/ray/ray_current_cluster, the last one
+    # `ray start` made on the machine, not the one the caller belongs to. Where that file is
+    # stale every trial's teardown waited 12 s for the cleaner, and a stopped trial's
+    # placement group leaked (measured), so every process of this job gets RAY_ADDRESS.
     if address is None:
-        # Loopback keeps the embedded runtime reachable on hosts whose primary address is
-        # not routable to itself (containers, VMs with NAT).
-        info = ray.init(include_dashboard=True, dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1", **kwargs)
-    else:
+        port = _free_port()
+        runtime_env["env_vars"]["RAY_ADDRESS"] = f"127.0.0.1:{port}"
+        previous = os.environ.get("RAY_GCS_SERVER_PORT")
+        os.environ["RAY_GCS_SERVER_PORT"] = str(port)
         try:
-            info = ray.init(address=address, **kwargs)
+            # address="local": always a new runtime, even where `ray start` left a cluster
+            # that a bare ray.init() would join. Loopback keeps it reachable on hosts whose
+            # primary address is not routable to itself (containers, VMs with NAT).
+            info = ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1",
+                            _node_ip_address="127.0.0.1", runtime_env=runtime_env, **kwargs)
+        finally:
+            if previous is None:
+                os.environ.pop("RAY_GCS_SERVER_PORT", None)
+            else:
+                os.environ["RAY_GCS_SERVER_PORT"] = previous
+    else:
+        if not address.startswith("ray://"):
+            from ray._private.services import canonicalize_bootstrap_address
+
+            try:
+                runtime_env["env_vars"]["RAY_ADDRESS"] = canonicalize_bootstrap_address(address)
+            except Exception as err:
+                raise LaunchError(f"--address {address}: {str(err).splitlines()[0][:200]}") from None
+        try:
+            info = ray.init(address=address, runtime_env=runtime_env, **kwargs)
         except (ConnectionError, RuntimeError) as err:
             text = str(err)
             hint = ""
@@ -378,7 +464,9 @@ def init_ray(address: str | None, env: dict[str, str], *, verbose: bool) -> str 
                 hint = ("; the cluster uses token authentication: set RAY_AUTH_MODE=token (the token comes from "
                         "RAY_AUTH_TOKEN or ~/.ray/auth_token)")
             raise LaunchError(f"--address {address}: cannot connect to the Ray cluster "
-                                         f"({text.splitlines()[0][:200]}){hint}") from None
+                              f"({text.splitlines()[0][:200]}){hint}") from None
+    if runtime_env["env_vars"].get("RAY_ADDRESS"):
+        os.environ["RAY_ADDRESS"] = runtime_env["env_vars"]["RAY_ADDRESS"]
     url = getattr(info, "dashboard_url", None) or None
     if url and not url.startswith("http"):
         url = "http://" + url
@@ -417,12 +505,12 @@ def _reports_per_trial(spec) -> int:
 def _scheduler(spec):
     if spec.scheduler.type != "asha":
         return None
-    from ray.tune.schedulers import ASHAScheduler
+    from sweep.early_stop import DecidingASHA, board_name
 
     # One past the last report by default: a trial that reaches its final evaluation is never
     # stopped by the scheduler while it saves and uploads its adapter.
     max_t = spec.scheduler.max_t or _reports_per_trial(spec) + 1
-    return ASHAScheduler(time_attr="training_iteration", max_t=max_t, grace_period=min(spec.scheduler.grace_period, max_t),
+    return DecidingASHA(board_name(spec.name), time_attr="training_iteration", max_t=max_t, grace_period=min(spec.scheduler.grace_period, max_t),
                          reduction_factor=spec.scheduler.reduction_factor)
 
 
@@ -525,6 +613,10 @@ def build_context(spec, spec_dir: Path, plan, *, tracking_uri: str, experiment_i
         train_storage=sweep_state.join(storage, "_train"),
         worker_env=worker_env(spec),
     )
+    if spec.scheduler.type == "asha":
+        from sweep.early_stop import board_name
+
+        ctx.decision_board = board_name(spec.name)
     if spec.search.strategy == "optuna":
         _, ctx.candidates, ctx.trainer_keys = optuna_space(spec, plan)
     return ctx
@@ -697,6 +789,10 @@ def resume_sweep(name_or_path: str, *, address: str | None, quiet: bool, verbose
 
 def _finish(tuner, ctx, spec, st, client, total, *, quiet, console) -> Outcome:
     started = time.time()
+    if ctx.decision_board:
+        from sweep.early_stop import start_board
+
+        board = start_board(spec.name)  # noqa: F841 (held for the sweep's lifetime)
     outcome = _fit(tuner, ctx, spec, total, quiet=quiet, console=console)
     tracking.finish_sweep_run(client, st.parent_run_id, outcome.counts, outcome.best, interrupted=outcome.interrupted)
     st.status = "interrupted" if outcome.interrupted else ("failed" if outcome.counts.get("ERROR") else "finished")

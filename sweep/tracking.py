@@ -401,7 +401,9 @@ class MlflowReporter:
             if self._logged_at.get(key) == step:
                 continue  # the last evaluation already logged this point
             self._buffer.append(self._metric(key, value, step))
-        self._flush()
+        from mlflow.entities import RunTag
+
+        self._flush([RunTag(EARLY_STOP_TAG, "true")] if result.get("early_stopped") else [])
         out = Path(out_dir)
         (out / "adapter.yaml").write_text(yaml.safe_dump({"adapter": self.adapter_block}, sort_keys=False))
         upload(self._client, self.run_id, out)

@@ -286,3 +286,52 @@ def test_table_and_export_from_the_real_sweep(finished_sweep, mlflow_server, ray
     assert len(again) == 1
     assert metrics(again[0])["eval_loss"] == pytest.approx(winner["eval_loss"], abs=0.05)
 
+
+
+def test_optuna_with_asha(tmp_path, tiny_model, mlflow_server, ray_cluster):
+    """Optuna picks adapter configurations and learning rates; ASHA stops the weaker ones at
+    its first rung, and each stopped trial still ends as one closed MLflow run."""
+    adapters = [{"type": "lora", "r": [4, 8], "target_modules": ["q_proj", "v_proj"]}, {"type": "ln_tuning"}]
+    spec = write_spec(tmp_path, "e2e-optuna", tiny_model, mlflow_server.uri, adapters,
+                      scheduler={"type": "asha", "grace_period": 1, "reduction_factor": 2})
+    raw = yaml.safe_load(spec.read_text())
+    raw["search"].update(strategy="optuna", num_samples=4)
+    raw["search"]["trainer"].update(learning_rate={"distribution": "loguniform", "low": 1e-4, "high": 1e-2})
+    spec.write_text(yaml.safe_dump(raw))
+    result = sweep_cli("run", str(spec), "--address", ray_cluster.address, "--quiet", cluster=ray_cluster)
+    assert result.returncode == 0, show(result)
+    _, children = sweep_runs(mlflow_server, "e2e-optuna")
+    assert len(children) == 4 and set(by_status(children)) == {"FINISHED"}
+    lrs = [float(params(r)["trainer.learning_rate"]) for r in children]
+    assert all(1e-4 <= lr <= 1e-2 for lr in lrs) and len(set(lrs)) == 4
+    assert {tags(r)["adapter.type"] for r in children} <= {"lora", "ln_tuning"}
+    steps = {tags(r)["trial_id"]: max(m["step"] for m in mlflow_server.history(r["info"]["run_id"], "eval_loss"))
+             for r in children}
+    stopped = {tags(r)["trial_id"] for r in children if tags(r).get("peft_sweep.early_stopped") == "true"}
+    assert all(steps[t] < MAX_STEPS for t in stopped), steps
+    assert all(steps[t] == MAX_STEPS for t in set(steps) - stopped), steps
+
+
+def test_asha_stops_a_weak_trial_and_the_sweep_goes_on(tmp_path, tiny_model, mlflow_server, ray_cluster):
+    """Grid order is fixed, so ASHA's decision is too: the near-zero learning rate loses its
+    first rung to the trial before it and is stopped; the trial after it still runs (a stopped
+    trial's workers must give their CPUs back), and only the stopped run is tagged."""
+    adapters = [
+        {"type": "lora", "r": 4, "target_modules": ["q_proj", "v_proj"], "trainer": {"learning_rate": 1e-2}},
+        {"type": "ln_tuning", "trainer": {"learning_rate": 1e-7}},
+        {"type": "lora", "r": 8, "target_modules": ["q_proj", "v_proj"], "trainer": {"learning_rate": 1e-2}},
+    ]
+    spec = write_spec(tmp_path, "e2e-asha", tiny_model, mlflow_server.uri, adapters,
+                      scheduler={"type": "asha", "grace_period": 1, "reduction_factor": 2})
+    result = sweep_cli("run", str(spec), "--address", ray_cluster.address, "--quiet", cluster=ray_cluster)
+    assert result.returncode == 0, show(result)
+    _, children = sweep_runs(mlflow_server, "e2e-asha")
+    assert len(children) == 3 and set(by_status(children)) == {"FINISHED"}
+    by_type = {}
+    for r in children:
+        last = max(m["step"] for m in mlflow_server.history(r["info"]["run_id"], "eval_loss"))
+        by_type.setdefault(tags(r)["adapter.type"], []).append((last, tags(r).get("peft_sweep.early_stopped")))
+    assert by_type["ln_tuning"] == [(EVAL_EVERY, "true")], (by_type, show(result))
+    assert sorted(by_type["lora"]) == [(MAX_STEPS, None), (MAX_STEPS, None)], by_type
+    finished = [r for r in children if tags(r)["adapter.type"] == "lora"]
+    assert all("adapter" in {f["path"] for f in mlflow_server.artifacts(r["info"]["run_id"])} for r in finished)

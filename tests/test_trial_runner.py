@@ -340,3 +340,29 @@ def test_warmup_then_cosine_to_zero():
     f = warmup_cosine(100, 0.1)
     assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0) and f(10) == pytest.approx(1.0)
     assert f(55) == pytest.approx(0.5) and f(100) == pytest.approx(0.0)
+
+
+def test_a_reporter_can_stop_the_trial_after_an_evaluation(tiny_model, tmp_path):
+    """An early-stopping scheduler's decision arrives as on_eval's answer: training ends at
+    that evaluation, yet the adapter is saved and on_end still sees the whole result."""
+    from trials.config import TrialConfig
+    from trials.metrics import NullReporter
+    from trials.train import run_trial
+
+    class StopAtFirstEval(NullReporter):
+        def __init__(self):
+            self.evals, self.ended = [], {}
+
+        def on_eval(self, step, metrics):
+            self.evals.append(step)
+            return step > 0
+
+        def on_end(self, result, out_dir):
+            self.ended.update(result)
+
+    cfg = TrialConfig.model_validate(trial(tiny_model, {"type": "lora", "r": 4})).with_id()
+    reporter = StopAtFirstEval()
+    result = run_trial(cfg, tmp_path, reporter)
+    assert reporter.evals == [0, 10]
+    assert result["step"] == 10 and result["early_stopped"] == 1.0 and reporter.ended["early_stopped"] == 1.0
+    assert (tmp_path / artifacts.ADAPTER_DIR / "adapter_config.json").is_file()

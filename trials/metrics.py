@@ -35,6 +35,7 @@ METRICS: dict[str, Metric] = {
     "setup_s": Metric("s", "minimize", "wall seconds from trial start to the first training step (model, data, DeepSpeed)"),
     "wall_s": Metric("s", "minimize", "wall seconds of the whole trial"),
     "step": Metric("steps", "none", "optimizer steps done"),
+    "early_stopped": Metric("bool", "none", "1 when a reporter stopped the trial before max_steps"),
 }
 
 
@@ -47,8 +48,10 @@ class Reporter(Protocol):
     def on_step(self, step: int, metrics: dict[str, float]) -> None:
         """After every optimizer step: cheap, local, never a cross-worker barrier."""
 
-    def on_eval(self, step: int, metrics: dict[str, float]) -> None:
-        """Every `eval_every` steps and at the end: the place to report to a scheduler."""
+    def on_eval(self, step: int, metrics: dict[str, float]) -> bool | None:
+        """Every `eval_every` steps and at the end: the place to report to a scheduler.
+        Returning True asks the trial to stop after this evaluation (an early-stopping
+        scheduler's decision); the adapter is still saved and on_end still runs."""
 
     def on_end(self, result: dict[str, Any], out_dir: str) -> None:
         """Once, after the adapter is saved (rank 0's out_dir holds it)."""

@@ -130,6 +130,7 @@ class _Trial:
     adapter_params: list[Any] = field(default_factory=list)
     initial: Path | None = None  # the saved initial adapter, for inits that rewrite base weights
     scheduler: Any = None
+    stop_requested: bool = False  # a reporter's answer to the latest evaluation
 
     @property
     def is_main(self) -> bool:
@@ -265,6 +266,9 @@ class _Trial:
             self.reporter.on_step(step, {"train_loss": last_loss, "learning_rate": lr})
             if step % tc.eval_every == 0 or step == tc.max_steps:
                 final = self._evaluate(engine, evals, step)
+                # Decided together: a rank whose reporter missed the decision must not train on alone.
+                if step < tc.max_steps and all_sum([1.0 if self.stop_requested else 0.0], self.world.device)[0]:
+                    break
         total_tokens = all_sum([float(tokens)], self.world.device)[0]
         return {
             **final,
@@ -272,7 +276,8 @@ class _Trial:
             "train_loss": last_loss,
             "learning_rate": lr,
             "tokens_per_s": total_tokens / train_s,
-            "s_per_step": train_s / tc.max_steps,
+            "s_per_step": train_s / step,
+            "early_stopped": 1.0 if step < tc.max_steps else 0.0,
             "trainable_params": info["trainable_params"],
             "total_params": info["total_params"],
             "trainable_percent": info["trainable_percent"],
@@ -306,7 +311,7 @@ class _Trial:
             "eval_token_accuracy": correct / count,
         }
         self.evals.append(metrics)
-        self.reporter.on_eval(step, dict(metrics))
+        self.stop_requested = bool(self.reporter.on_eval(step, dict(metrics)))
         return metrics
 
     def _probe(self, engine, eval_: list[Example]) -> None:
