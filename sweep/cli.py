@@ -347,6 +347,74 @@ def _finish(launch) -> None:
 
 
 @app.command()
+def submit(
+    spec: Path = typer.Argument(..., help="Sweep spec YAML."),
+    address: str = typer.Option(..., help="The cluster's job server (Ray dashboard), e.g. http://HEAD:8265."),
+    storage: Optional[str] = typer.Option(
+        None, help="Where the sweep folder goes, as the cluster sees it (shared path or object-store URI). "
+                   "Default: ~/peft-sweep/runs on the head."
+    ),
+    tracking_uri: Optional[str] = typer.Option(
+        None, help="MLflow tracking URI every node can reach. Default: $MLFLOW_TRACKING_URI, else spec.tracking.uri."
+    ),
+    working_dir: Optional[Path] = typer.Option(
+        None, help="Folder shipped with the job (must hold the spec; relative paths in the spec resolve in it). "
+                   "Default: the spec's folder."
+    ),
+    wait: bool = typer.Option(False, "--wait", help="Stream the job's output until it ends; exit with its outcome."),
+) -> None:
+    """Plan the spec here, then run it on a Ray cluster as a job (`sweep run --address auto` there).
+
+    Exit code: 0 submitted (with --wait: every trial finished), 1 with --wait when the job
+    failed, 2 for a user error (nothing submitted)."""
+    from sweep.launch import LaunchError
+    from sweep.submit import submit as submit_job
+
+    sweep_spec, spec_dir, _ = _load_and_plan(spec)
+    try:
+        sub = submit_job(sweep_spec, spec, spec_dir, address=address, storage=storage, tracking_uri=tracking_uri,
+                         working_dir=working_dir)
+    except LaunchError as e:
+        fail([str(e)])
+    out.print(f"submitted sweep {sub.name} as job {sub.job_id} to {sub.address}", highlight=False, soft_wrap=True)
+    if not wait:
+        out.print(f"follow it with `sweep logs {sub.name} --follow`; `sweep status {sub.name}` shows its trials",
+                  highlight=False, soft_wrap=True)
+        return
+    _follow(sub)
+
+
+def _follow(sub) -> None:
+    from sweep.submit import logs as job_logs
+
+    status = job_logs(sub, follow=True, write=lambda text: print(text, end="", flush=True))
+    out.print(f"job {sub.job_id}: {status}", highlight=False)
+    raise typer.Exit(0 if status == "SUCCEEDED" else 1)
+
+
+@app.command()
+def logs(
+    sweep: str = typer.Argument(..., help="Name of a sweep submitted from this machine."),
+    follow: bool = typer.Option(False, "--follow", "-f", help="Keep streaming until the job ends; exit with its outcome."),
+) -> None:
+    """Print the output of a submitted sweep's job."""
+    from sweep.launch import LaunchError
+    from sweep.submit import find
+    from sweep.submit import logs as job_logs
+
+    sub = find(sweep)
+    if sub is None:
+        fail([f"no submitted sweep named {sweep!r} on this machine (`sweep submit` records them); "
+              "for a sweep run here, its output was the terminal's"])
+    try:
+        if follow:
+            _follow(sub)
+        job_logs(sub, follow=False, write=lambda text: print(text, end="", flush=True))
+    except LaunchError as e:
+        fail([str(e)])
+
+
+@app.command()
 def resume(
     sweep: str = typer.Argument(..., help="Sweep name, sweep folder, or its spec file."),
     address: Optional[str] = typer.Option(None, help="Ray cluster to resume on. Default: the one the sweep started on."),
@@ -367,15 +435,38 @@ def status(
     as_json: bool = typer.Option(False, "--json", help="Print the status as JSON."),
 ) -> None:
     """Show a sweep's trials and their states (from Ray Tune's experiment state and MLflow)."""
+    from sweep.launch import LaunchError
     from sweep.state import StateError
     from sweep.status import sweep_status
+    from sweep.submit import find, job_status
 
-    try:
-        report = sweep_status(sweep)
-    except StateError as e:
-        fail([str(e)])
+    sub = find(sweep)
+    job = None
+    if sub is not None:
+        try:
+            job = job_status(sub)
+        except LaunchError as e:
+            job = {"job_id": sub.job_id, "address": sub.address, "status": "UNKNOWN", "message": str(e)}
+    report, problem = None, None
+    # A submitted sweep's folder is readable here when its --storage is shared with this machine.
+    places = [f"{sub.storage.rstrip('/')}/{sub.name}"] if sub and not sub.storage.startswith("~") else []
+    for place in places + [sweep]:
+        try:
+            report = sweep_status(place)
+            break
+        except StateError as e:
+            problem = problem or e
+    if report is None and job is None:
+        fail([str(problem)])
     if as_json:
-        print(json.dumps(report, indent=2, default=str))
+        print(json.dumps({**(report or {}), **({"job": job} if job else {})}, indent=2, default=str))
+        return
+    if job is not None:
+        out.print(f"job {job['job_id']} on {job['address']}: {job['status']}"
+                  + (f" ({job['message']})" if job["message"] else ""), highlight=False, soft_wrap=True)
+    if report is None:
+        out.print("its trials show here once the sweep folder is readable from this machine (a shared --storage)",
+                  highlight=False, soft_wrap=True)
         return
     st = report["sweep"]
     out.print(f"sweep {st['name']} ({st['status']}): {st['storage']}", highlight=False, soft_wrap=True)

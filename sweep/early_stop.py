@@ -66,6 +66,13 @@ def start_board(sweep: str) -> Any:
     ).remote()
 
 
+def stop_board(board: Any | None) -> None:
+    if board is not None:
+        import ray
+
+        ray.kill(board)
+
+
 def _board(name: str) -> Any | None:
     import ray
 

@@ -33,6 +33,9 @@ log = logging.getLogger(__name__)
 # and no CPU: with 0.01 CPU, 2 workers x 1 CPU deadlock on a 2-core node (measured), since
 # Tune holds the trial's 0.01 while the controller waits for 2.0 of the 2 CPUs.
 TRIAL_FN_RESOURCES = {"CPU": 0, "memory": 64 * 2**20}
+# A cluster that advertises this custom resource (on its head or CPU nodes, see clusters/)
+# gets every trial function there, off the GPU nodes, as Ray's Tune+Train guide advises.
+DRIVER_RESOURCE = "trial_driver"
 PLACEMENT_GROUP_KEY = "ray_placement_group"
 _PASS_ENV_PREFIXES = ("HF_", "TRANSFORMERS_", "PEFT_SWEEP_", "MLFLOW_", "DS_", "NCCL_", "TORCH_", "CUDA_VISIBLE")
 
@@ -68,6 +71,7 @@ class LaunchContext:
     trainer_keys: dict[str, dict[str, str]] = field(default_factory=dict)  # optuna: item -> field -> space key
     finished: dict[str, dict[str, float]] = field(default_factory=dict)  # trial_id -> metrics, on resume
     decision_board: str | None = None  # early stopping: where the scheduler's decisions are posted
+    trial_fn_resources: dict[str, float] = field(default_factory=lambda: dict(TRIAL_FN_RESOURCES))
 
     def describe(self, config: dict[str, Any]) -> tuple[str, str, int]:
         """(trial id, adapter variant, max_steps) of a Tune trial's config."""
@@ -205,7 +209,7 @@ def _worker_loop(config: dict[str, Any]) -> None:
     rank = ray.train.get_context().get_world_rank()
     cfg = TrialConfig.model_validate(config["trial"])
     run = {**config["run"], "cfg": cfg} if rank == 0 else None
-    mlflow_reporter = tracking.MlflowReporter(run, config["adapter_block"], node_id=ray.get_runtime_context().get_node_id())
+    mlflow_reporter = tracking.MlflowReporter(run, config["adapter_block"], _placement(config["run"]))
     # Worker-local output: rank 0 uploads it to MLflow itself, so no shared filesystem is needed.
     out = Path(tempfile.mkdtemp(prefix=f"peft-sweep-{cfg.trial_id}-rank{rank}-"))
     try:
@@ -213,6 +217,21 @@ def _worker_loop(config: dict[str, Any]) -> None:
                                                          config["run"]["tune_trial_id"])))
     finally:
         shutil.rmtree(out, ignore_errors=True)
+
+
+def _placement(run: dict[str, Any]) -> dict[str, str]:
+    """Where this trial ran, as MLflow tags: the node of every worker rank (gathered over the
+    process group Ray Train set up) and the node of the Tune trial function."""
+    import ray
+    import torch.distributed as dist
+
+    node = ray.get_runtime_context().get_node_id()
+    nodes = [node]
+    if dist.is_available() and dist.is_initialized():
+        nodes = [None] * dist.get_world_size()
+        dist.all_gather_object(nodes, node)
+    return {"ray.node_id": nodes[0], "ray.worker_node_ids": ",".join(nodes),
+            "ray.trial_node_id": run.get("trial_node_id") or ""}
 
 
 def sweep_trial(config: dict[str, Any], ctx: LaunchContext) -> None:
@@ -255,6 +274,7 @@ def sweep_trial(config: dict[str, Any], ctx: LaunchContext) -> None:
                 "tune_trial_id": tune_trial_id,
                 "attempt": attempt,
                 "decision_board": ctx.decision_board,
+                "trial_node_id": ray.get_runtime_context().get_node_id(),
             },
             "adapter_block": family.ludwig(cfg.adapter),
         },
@@ -297,7 +317,7 @@ def _record_failure(ctx: LaunchContext, cfg, variant: str, tune_trial_id: str, a
 def make_trainable(ctx: LaunchContext):
     from ray import tune
 
-    return tune.with_resources(tune.with_parameters(sweep_trial, ctx=ctx), TRIAL_FN_RESOURCES)
+    return tune.with_resources(tune.with_parameters(sweep_trial, ctx=ctx), ctx.trial_fn_resources)
 
 
 # --- the driver ---------------------------------------------------------------------------
@@ -414,6 +434,10 @@ def init_ray(address: str | None, env: dict[str, str], *, verbose: bool) -> str 
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     import ray
 
+    return _init_ray(ray, address, env, verbose=verbose)
+
+
+def _init_ray(ray, address: str | None, env: dict[str, str], *, verbose: bool) -> str | None:
     runtime_env: dict[str, Any] = {"env_vars": dict(env)}
     if not _is_local_address(address):
         # A remote cluster may not have this project installed: ship both packages.
@@ -455,8 +479,12 @@ def init_ray(address: str | None, env: dict[str, str], *, verbose: bool) -> str 
                 runtime_env["env_vars"]["RAY_ADDRESS"] = canonicalize_bootstrap_address(address)
             except Exception as err:
                 raise LaunchError(f"--address {address}: {str(err).splitlines()[0][:200]}") from None
+        # Inside a submitted job, the job's runtime env (its working dir, the shipped packages)
+        # already applies to every process of the job; nothing is merged into it. Train
+        # workers get their env vars from the Train run config either way.
+        in_job = "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ
         try:
-            info = ray.init(address=address, runtime_env=runtime_env, **kwargs)
+            info = ray.init(address=address, runtime_env=None if in_job else runtime_env, **kwargs)
         except (ConnectionError, RuntimeError) as err:
             text = str(err)
             hint = ""
@@ -613,6 +641,10 @@ def build_context(spec, spec_dir: Path, plan, *, tracking_uri: str, experiment_i
         train_storage=sweep_state.join(storage, "_train"),
         worker_env=worker_env(spec),
     )
+    import ray
+
+    if ray.is_initialized() and ray.cluster_resources().get(DRIVER_RESOURCE):
+        ctx.trial_fn_resources[DRIVER_RESOURCE] = 0.001
     if spec.scheduler.type == "asha":
         from sweep.early_stop import board_name
 
@@ -789,11 +821,13 @@ def resume_sweep(name_or_path: str, *, address: str | None, quiet: bool, verbose
 
 def _finish(tuner, ctx, spec, st, client, total, *, quiet, console) -> Outcome:
     started = time.time()
-    if ctx.decision_board:
-        from sweep.early_stop import start_board
+    from sweep.early_stop import start_board, stop_board
 
-        board = start_board(spec.name)  # noqa: F841 (held for the sweep's lifetime)
-    outcome = _fit(tuner, ctx, spec, total, quiet=quiet, console=console)
+    board = start_board(spec.name) if ctx.decision_board else None
+    try:
+        outcome = _fit(tuner, ctx, spec, total, quiet=quiet, console=console)
+    finally:
+        stop_board(board)
     tracking.finish_sweep_run(client, st.parent_run_id, outcome.counts, outcome.best, interrupted=outcome.interrupted)
     st.status = "interrupted" if outcome.interrupted else ("failed" if outcome.counts.get("ERROR") else "finished")
     sweep_state.save(st)

@@ -330,9 +330,10 @@ class MlflowReporter:
     Per-step metrics are buffered and written with one `log_batch` per evaluation (every
     `eval_every` steps and at the end), so training makes no per-step HTTP calls."""
 
-    def __init__(self, run: dict[str, Any] | None, adapter_block: dict[str, Any], node_id: str | None = None):
+    def __init__(self, run: dict[str, Any] | None, adapter_block: dict[str, Any],
+                 placement: dict[str, str] | None = None):
         self.adapter_block = adapter_block
-        self.node_id = node_id
+        self.placement = placement or {}  # tag -> value: where the trial's processes ran
         self._client = None
         self.run_id: str | None = None
         self._buffer: list[Any] = []
@@ -370,8 +371,7 @@ class MlflowReporter:
             if isinstance(info.get(key), (int, float)):
                 self._buffer.append(self._metric(key, info[key], 0))
         tags = [RunTag("trial.device", str(info.get("device", ""))), RunTag("trial.dtype", str(info.get("dtype", "")))]
-        if self.node_id:
-            tags.append(RunTag("ray.node_id", self.node_id))
+        tags += [RunTag(key, value) for key, value in self.placement.items()]
         self._flush(tags)
 
     def on_step(self, step: int, metrics: dict[str, float]) -> None:

@@ -9,15 +9,18 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -168,40 +171,93 @@ class RayCluster:
     # `ray start` turns on token authentication; a client sends the token (~/.ray/auth_token)
     # only in token mode.
     client_env: dict[str, str]
+    node_ids: dict[str, str] = field(default_factory=dict)  # "head" / "worker-N" -> Ray node id
+
+
+def _ray_env() -> tuple[dict[str, str], dict[str, str]]:
+    client_env = {"RAY_AUTH_MODE": "token"}
+    return client_env, {**os.environ, "RAY_TRAIN_V2_ENABLED": "1", **client_env}
+
+
+def _ray_nodes(address: str, env: dict[str, str]) -> list[dict[str, Any]]:
+    listed = subprocess.run(["ray", "list", "nodes", "--address", address, "--format", "json", "--limit", "100"],
+                            capture_output=True, text=True, env=env, timeout=60)
+    try:
+        return [n for n in json.loads(listed.stdout) if n.get("state") == "ALIVE"]
+    except json.JSONDecodeError:
+        return []
+
+
+@contextmanager
+def ray_nodes(root: Path, *, cpus: list[int], resources: list[dict[str, float]] | None = None):
+    """A Ray cluster of len(cpus) nodes on this machine: `ray start --head --block` plus
+    `ray start --address ... --block` per extra node, each with its own CPUs and custom
+    resources, all on loopback (this host's primary address may not route to itself). Each
+    `ray start --block` takes its node's processes down with it, so stopping its process
+    group stops the node; nothing else on the machine is touched."""
+    resources = resources or [{} for _ in cpus]
+    port, dash, client = free_port(), free_port(), free_port()
+    client_env, env = _ray_env()
+    address = f"127.0.0.1:{port}"
+    procs: list[subprocess.Popen] = []
+    logs: list[Path] = []
+
+    temp_dirs: list[str] = []
+
+    def start(cmd: list[str], name: str, n_cpus: int, res: dict[str, float]) -> None:
+        # Each node its own session folder, as on separate machines: nodes sharing one would
+        # unpack a job's working dir into the same path, the later replacing the folder the
+        # job's driver already runs in. Short, since Ray's socket paths live under it.
+        temp_dirs.append(tempfile.mkdtemp(prefix="ray-", dir="/tmp"))
+        cmd = cmd + ["--block", "--node-ip-address", "127.0.0.1", "--num-cpus", str(n_cpus), "--num-gpus", "0",
+                     "--temp-dir", temp_dirs[-1], "--disable-usage-stats"] + (
+                         ["--resources", json.dumps(res)] if res else [])
+        log = root / f"{name}.log"
+        logs.append(log)
+        with log.open("wb") as fh:
+            procs.append(subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=root, env=env,
+                                          start_new_session=True))
+
+    try:
+        start(["ray", "start", "--head", "--port", str(port), "--include-dashboard", "true",
+               "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash), "--ray-client-server-port", str(client)],
+              "head", cpus[0], resources[0])
+        _wait_nodes(address, env, 1, procs, logs)
+        for i, (n_cpus, res) in enumerate(zip(cpus[1:], resources[1:]), 1):
+            start(["ray", "start", "--address", address], f"worker-{i}", n_cpus, res)
+        nodes = _wait_nodes(address, env, len(cpus), procs, logs)
+        head = next(n["node_id"] for n in nodes if n.get("is_head_node"))
+        workers = sorted(n["node_id"] for n in nodes if not n.get("is_head_node"))
+        ids = {"head": head, **{f"worker-{i}": w for i, w in enumerate(workers, 1)}}
+        yield RayCluster(address=address, dashboard=f"http://127.0.0.1:{dash}", pid=procs[0].pid,
+                         client_env=client_env, node_ids=ids)
+    finally:
+        # Ray's graceful shutdown of a whole group takes ~30 s; a test cluster needs none of it.
+        for proc in reversed(procs):
+            _stop(proc, signal.SIGTERM, timeout=5)
+        for path in temp_dirs:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _wait_nodes(address: str, env: dict[str, str], count: int, procs: list[subprocess.Popen], logs: list[Path],
+                timeout: float = 180) -> list[dict[str, Any]]:
+    deadline = time.time() + timeout
+    while True:
+        for proc, log in zip(procs, logs):
+            if proc.poll() is not None:
+                raise RuntimeError(f"ray start exited with {proc.returncode}:\n{_tail(log)}")
+        nodes = _ray_nodes(address, env)
+        if len(nodes) >= count:
+            return nodes
+        if time.time() > deadline:
+            raise RuntimeError(f"{len(nodes)} of {count} Ray nodes up after {timeout:.0f} s:\n"
+                               + "\n".join(_tail(log) for log in logs))
+        time.sleep(1)
 
 
 @pytest.fixture(scope="session")
 def ray_cluster(tmp_path_factory) -> RayCluster:
-    """One Ray head for the session (`ray start --head --block`, 2 CPUs), stopped by its PID:
-    `ray start --block` takes its Ray processes down with it. The dashboard runs because Ray
-    Train's placement-group cleaner polls the state API it serves."""
-    root = tmp_path_factory.mktemp("ray-head")
-    port, dash, client = free_port(), free_port(), free_port()
-    log = root / "ray.log"
-    cmd = [
-        # Loopback, like the embedded runtime: this host's primary address may not route to itself.
-        "ray", "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(port),
-        "--num-cpus", "2", "--num-gpus", "0",
-        "--include-dashboard", "true", "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash),
-        "--ray-client-server-port", str(client), "--disable-usage-stats",
-    ]
-    client_env = {"RAY_AUTH_MODE": "token"}
-    env = {**os.environ, "RAY_TRAIN_V2_ENABLED": "1", **client_env}
-    with log.open("wb") as fh:
-        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=root, env=env, start_new_session=True)
-    address = f"127.0.0.1:{port}"
-    deadline = time.time() + 180
-    try:
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"ray start exited with {proc.returncode}:\n{_tail(log)}")
-            status = subprocess.run(["ray", "status", "--address", address], capture_output=True, text=True, env=env)
-            if status.returncode == 0 and "CPU" in status.stdout:
-                break
-            if time.time() > deadline:
-                raise RuntimeError(f"ray head not up after 180 s:\n{_tail(log)}\n{status.stdout}{status.stderr}")
-            time.sleep(1)
-        yield RayCluster(address=address, dashboard=f"http://127.0.0.1:{dash}", pid=proc.pid, client_env=client_env)
-    finally:
-        # Ray's graceful shutdown of a whole group takes ~30 s; the test cluster needs none of it.
-        _stop(proc, signal.SIGTERM, timeout=5)
+    """One Ray head for the session (2 CPUs). The dashboard runs because Ray Train's
+    placement-group cleaner polls the state API it serves."""
+    with ray_nodes(tmp_path_factory.mktemp("ray-head"), cpus=[2]) as cluster:
+        yield cluster

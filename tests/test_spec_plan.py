@@ -6,7 +6,6 @@ import json
 import random
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -16,7 +15,7 @@ from typer.testing import CliRunner
 from sweep.cli import app
 from sweep.expand import expand
 from sweep.plan import make_plan
-from sweep.spec import SpecError, load_spec
+from sweep.spec import load_spec
 from trials.config import TrialConfig
 
 runner = CliRunner()

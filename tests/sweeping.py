@@ -1,0 +1,84 @@
+"""Helpers shared by the end-to-end tests that drive the `sweep` command line against
+real services (tests/services.py) and read the result back through MLflow's REST API."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from services import tags
+
+MAX_STEPS, EVAL_EVERY = 6, 3
+
+
+def write_spec(root: Path, name: str, model: Path, uri: str, adapters: list[dict[str, Any]], **extra: Any) -> Path:
+    spec = {
+        "name": name,
+        "model": {"base_model": str(model)},
+        "data": {"train": str(model / "task" / "train.jsonl"), "eval": str(model / "task" / "eval.jsonl"), "max_length": 32},
+        "search": {
+            "strategy": "grid",
+            "seeds": [0],
+            "adapters": adapters,
+            "trainer": {"learning_rate": 1.0e-3, "max_steps": MAX_STEPS, "batch_size": 8, "eval_every": EVAL_EVERY,
+                        "eval_batches": 2},
+        },
+        "resources": {"workers_per_trial": 2, "cpus_per_worker": 1, "gpus_per_worker": 0, "max_concurrent_trials": 1},
+        "deepspeed": {"zero_stage": 2},
+        "tracking": {"uri": uri},
+        **extra,
+    }
+    root.mkdir(parents=True, exist_ok=True)
+    path = root / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
+
+
+THREE_TRIALS = [
+    {"type": "lora", "r": [4, 8], "alpha": 16, "target_modules": ["q_proj", "v_proj"]},
+    {"type": "c3a", "block_size": 32, "trainer": {"learning_rate": 0.05}},
+]
+
+
+def sweep_cli(*args: str, cluster, timeout: float = 600, **popen: Any):
+    env = {**os.environ, **cluster.client_env, "PYTHONUNBUFFERED": "1"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    cmd = [sys.executable, "-m", "sweep", *args]
+    if popen.pop("background", False):
+        return subprocess.Popen(cmd, env=env, stdout=popen.pop("stdout"), stderr=subprocess.STDOUT, **popen)
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, **popen)
+
+
+def planned_ids(spec: Path) -> dict[str, dict[str, Any]]:
+    from sweep.plan import make_plan
+    from sweep.spec import load_spec
+
+    s, d = load_spec(spec)
+    return {t.trial.trial_id: t.trial.model_dump(mode="json") for t in make_plan(s, d).trials}
+
+
+def sweep_runs(server, name: str, view: str = "ACTIVE_ONLY") -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    exp = server.experiment_id(name)
+    assert exp is not None, f"no experiment {name}"
+    runs = server.search(exp, view=view)
+    parents = [r for r in runs if tags(r).get("peft_sweep.role") == "sweep"]
+    assert len(parents) == 1, [tags(r) for r in parents]
+    parent = parents[0]
+    children = [r for r in runs if tags(r).get("mlflow.parentRunId") == parent["info"]["run_id"]]
+    return parent, children
+
+
+def by_status(children: list[dict[str, Any]]) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for r in children:
+        out.setdefault(r["info"]["status"], []).append(tags(r)["trial_id"])
+    return out
+
+
+def show(result) -> str:
+    return f"exit {result.returncode}\n--- stdout\n{result.stdout[-6000:]}\n--- stderr\n{result.stderr[-6000:]}"

@@ -1,0 +1,75 @@
+"""A sweep on a real 2-node Ray cluster on this machine, through `--address` and through
+`sweep submit` to the head's job server.
+
+The head has 1 CPU and the `trial_driver` resource; the second node has 1 CPU and its own
+`worker_node` resource. A trial asks for 2 workers x 1 CPU, so its workers can only run one
+on each node, and its Tune trial function must sit on the `trial_driver` node. Both are
+read back from the MLflow tags each trial records.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from services import ray_nodes, tags
+from sweeping import by_status, show, sweep_cli, sweep_runs, write_spec
+
+pytestmark = pytest.mark.slow
+
+TWO_TRIALS = [{"type": "lora", "r": [4, 8], "target_modules": ["q_proj", "v_proj"]}]
+
+
+@pytest.fixture(scope="module")
+def two_nodes(tmp_path_factory):
+    with ray_nodes(tmp_path_factory.mktemp("two-nodes"), cpus=[1, 1],
+                   resources=[{"trial_driver": 4}, {"worker_node": 1}]) as cluster:
+        yield cluster
+
+
+def assert_ran_on_both_nodes(children, cluster) -> None:
+    assert len(children) == 2 and set(by_status(children)) == {"FINISHED"}, by_status(children)
+    both = {cluster.node_ids["head"], cluster.node_ids["worker-1"]}
+    for run in children:
+        t = tags(run)
+        workers = t["ray.worker_node_ids"].split(",")
+        assert len(workers) == 2 and set(workers) == both, t
+        assert t["ray.node_id"] == workers[0]
+        assert t["ray.trial_node_id"] == cluster.node_ids["head"], t  # the trial_driver node
+
+
+def test_sweep_run_spreads_trials_over_both_nodes(two_nodes, tiny_model, mlflow_server, tmp_path):
+    spec = write_spec(tmp_path, "two-nodes-run", tiny_model, mlflow_server.uri, TWO_TRIALS)
+    result = sweep_cli("run", str(spec), "--address", two_nodes.address, "--quiet", cluster=two_nodes)
+    assert result.returncode == 0, show(result)
+    _, children = sweep_runs(mlflow_server, "two-nodes-run")
+    assert_ran_on_both_nodes(children, two_nodes)
+
+
+def test_sweep_submit_runs_as_a_job_and_reports_back(two_nodes, tiny_model, mlflow_server, tmp_path, monkeypatch):
+    monkeypatch.setenv("PEFT_SWEEP_CACHE", str(tmp_path / "cache"))  # this machine's record of submissions
+    spec = write_spec(tmp_path / "project", "two-nodes-job", tiny_model, mlflow_server.uri, TWO_TRIALS)
+    storage = tmp_path / "storage"
+    submitted = sweep_cli("submit", str(spec), "--address", two_nodes.dashboard, "--storage", str(storage), "--wait",
+                          cluster=two_nodes)
+    assert submitted.returncode == 0, show(submitted)
+    assert "SUCCEEDED" in submitted.stdout and "sweep two-nodes-job: 2 finished, 0 failed" in submitted.stdout
+    _, children = sweep_runs(mlflow_server, "two-nodes-job")
+    assert_ran_on_both_nodes(children, two_nodes)
+
+    status = sweep_cli("status", "two-nodes-job", cluster=two_nodes)
+    assert status.returncode == 0, show(status)
+    assert "SUCCEEDED" in status.stdout and status.stdout.count("FINISHED") >= 2, show(status)
+    logs = sweep_cli("logs", "two-nodes-job", cluster=two_nodes)
+    assert logs.returncode == 0 and "2 finished, 0 failed" in logs.stdout, show(logs)
+
+
+def test_submit_refuses_what_the_cluster_could_not_use(two_nodes, tiny_model, tmp_path):
+    """Nothing is submitted, and the error names the fix: a relative sqlite store would live
+    in the job's temporary working dir, and a dead address is not a job server."""
+    spec = write_spec(tmp_path, "bad-submit", tiny_model, "sqlite:///mlflow.db", TWO_TRIALS)
+    result = sweep_cli("submit", str(spec), "--address", two_nodes.dashboard, cluster=two_nodes)
+    assert result.returncode == 2 and "--tracking-uri" in result.stderr and "Traceback" not in result.stderr, show(result)
+    result = sweep_cli("submit", str(spec), "--address", "http://127.0.0.1:9", "--tracking-uri", "http://127.0.0.1:9",
+                       cluster=two_nodes)
+    assert result.returncode == 2 and "job server" in result.stderr and "Traceback" not in result.stderr, show(result)
+    assert sweep_cli("logs", "bad-submit", cluster=two_nodes).returncode == 2
