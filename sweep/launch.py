@@ -72,6 +72,7 @@ class LaunchContext:
     finished: dict[str, dict[str, float]] = field(default_factory=dict)  # trial_id -> metrics, on resume
     decision_board: str | None = None  # early stopping: where the scheduler's decisions are posted
     trial_fn_resources: dict[str, float] = field(default_factory=lambda: dict(TRIAL_FN_RESOURCES))
+    reuse_workers: bool = True  # sweep.gang: keep each trial's workers for the next trial
 
     def describe(self, config: dict[str, Any]) -> tuple[str, str, int]:
         """(trial id, adapter variant, max_steps) of a Tune trial's config."""
@@ -138,7 +139,8 @@ class _RayReporter:
     adapter and closed the run: a scheduler may stop a trial at any report (ASHA's top rung can
     coincide with the last one), and nothing the trial produced may be lost to that."""
 
-    def __init__(self, max_steps: int, decision_board: str | None = None, tune_trial_id: str = ""):
+    def __init__(self, report, max_steps: int, decision_board: str | None = None, tune_trial_id: str = ""):
+        self._report = report
         self.max_steps = max_steps
         self.decision_board = decision_board
         self.tune_trial_id = tune_trial_id
@@ -162,15 +164,16 @@ class _RayReporter:
             return  # its last evaluation is reported already; another would land in the next rung
         self._report({k: v for k, v in result.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
 
-    @staticmethod
-    def _report(metrics):
-        import ray
-        import ray.train
 
-        # The workers' placement group rides along, so the driver can release it if the trial
-        # is stopped early (see Reconciler).
-        pg = ray.get_runtime_context().get_placement_group_id()
-        ray.train.report({**metrics, PLACEMENT_GROUP_KEY: pg or ""})
+def _train_report(metrics: dict[str, Any]) -> None:
+    """A report to Ray Train (and through TuneReportCallback to Tune). The workers' placement
+    group rides along, so the driver can release it if the trial is stopped early (see
+    Reconciler)."""
+    import ray
+    import ray.train
+
+    pg = ray.get_runtime_context().get_placement_group_id()
+    ray.train.report({**metrics, PLACEMENT_GROUP_KEY: pg or ""})
 
 
 class _Fanout:
@@ -195,55 +198,81 @@ class _Fanout:
 
 def _worker_loop(config: dict[str, Any]) -> None:
     """Ray Train's train_loop_per_worker: one rank of one trial."""
+    import ray.train
+
+    run_worker(config, ray.train.get_context().get_world_rank(), _train_report)
+
+
+def run_worker(config: dict[str, Any], rank: int, report) -> None:
+    """One rank of one trial, on a Ray Train worker or a gang worker (sweep.gang)."""
+    entered = time.time()
     import shutil
     import tempfile
-
-    import ray
-    import ray.train
 
     from trials.config import TrialConfig
     from trials.train import run_trial
 
+    # Orchestration cost, logged with the trial so `benchmarks/overhead.py` (or anyone) can
+    # split a trial's wall time: trial function start -> this worker's code, and imports.
+    overhead = {"ray.start_to_worker_s": entered - config["run"]["fn_started"],
+                "ray.worker_imports_s": time.time() - entered}
     for name in ("DeepSpeed", "deepspeed", "torch.distributed", "mlflow"):
         logging.getLogger(name).setLevel(logging.WARNING)
-    rank = ray.train.get_context().get_world_rank()
     cfg = TrialConfig.model_validate(config["trial"])
     run = {**config["run"], "cfg": cfg} if rank == 0 else None
-    mlflow_reporter = tracking.MlflowReporter(run, config["adapter_block"], _placement(config["run"]))
+    mlflow_reporter = tracking.MlflowReporter(run, config["adapter_block"], _placement(config["run"]), overhead)
     # Worker-local output: rank 0 uploads it to MLflow itself, so no shared filesystem is needed.
     out = Path(tempfile.mkdtemp(prefix=f"peft-sweep-{cfg.trial_id}-rank{rank}-"))
     try:
-        run_trial(cfg, out, _Fanout(mlflow_reporter, _RayReporter(cfg.trainer.max_steps, config["run"].get("decision_board"),
-                                                         config["run"]["tune_trial_id"])))
+        run_trial(cfg, out, _Fanout(mlflow_reporter, _RayReporter(report, cfg.trainer.max_steps,
+                                                                  config["run"].get("decision_board"),
+                                                                  config["run"]["tune_trial_id"])))
     finally:
         shutil.rmtree(out, ignore_errors=True)
+        _release_memory()
+
+
+def _release_memory() -> None:
+    """What a trial allocated goes before the next trial on the same worker (sweep.gang)."""
+    import gc
+
+    gc.collect()
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except Exception:
+        pass
 
 
 def _placement(run: dict[str, Any]) -> dict[str, str]:
-    """Where this trial ran, as MLflow tags: the node of every worker rank (gathered over the
-    process group Ray Train set up) and the node of the Tune trial function."""
+    """Where this trial ran, as MLflow tags: the node and process of every worker rank
+    (gathered over the trial's process group) and the node of the Tune trial function."""
     import ray
     import torch.distributed as dist
 
-    node = ray.get_runtime_context().get_node_id()
-    nodes = [node]
+    mine = (ray.get_runtime_context().get_node_id(), os.getpid())
+    ranks = [mine]
     if dist.is_available() and dist.is_initialized():
-        nodes = [None] * dist.get_world_size()
-        dist.all_gather_object(nodes, node)
-    return {"ray.node_id": nodes[0], "ray.worker_node_ids": ",".join(nodes),
-            "ray.trial_node_id": run.get("trial_node_id") or ""}
+        ranks = [None] * dist.get_world_size()
+        dist.all_gather_object(ranks, mine)
+    return {"ray.node_id": ranks[0][0], "ray.worker_node_ids": ",".join(node for node, _ in ranks),
+            "ray.worker_pids": ",".join(str(pid) for _, pid in ranks),
+            "ray.trial_node_id": run.get("trial_node_id") or "",
+            "peft_sweep.workers": "kept" if run.get("reuse_workers") else "train-run"}
 
 
 def sweep_trial(config: dict[str, Any], ctx: LaunchContext) -> None:
-    """One Tune trial: run the Train job whose rank 0 logs the trial's MLflow child run.
+    """One Tune trial: run it on the trial's workers (a kept gang, or a Ray Train run),
+    whose rank 0 logs the trial's MLflow child run.
 
     Only a failure makes this function talk to MLflow (to record the error on the child)."""
+    fn_started = time.time()
     import uuid
 
-    import ray.train
+    import ray
     from ray import tune
-    from ray.train.torch import TorchConfig, TorchTrainer
-    from ray.tune.integration.ray_train import TuneReportCallback
 
     from trials.adapters import FAMILIES
 
@@ -259,38 +288,28 @@ def sweep_trial(config: dict[str, Any], ctx: LaunchContext) -> None:
     family = FAMILIES[cfg.adapter.type]
     tune_trial_id = tune.get_context().get_trial_id() or "local"
     attempt = uuid.uuid4().hex
-    gpu = ctx.gpus_per_worker > 0
-    per_worker = {"CPU": ctx.cpus_per_worker, **({"GPU": ctx.gpus_per_worker} if gpu else {})}
-    trainer = TorchTrainer(
-        _worker_loop,
-        train_loop_config={
-            "trial": cfg.model_dump(mode="json"),
-            "run": {
-                "tracking_uri": ctx.tracking_uri,
-                "experiment_id": ctx.experiment_id,
-                "parent_run_id": ctx.parent_run_id,
-                "sweep": ctx.sweep,
-                "variant": family.variant(cfg.adapter),
-                "tune_trial_id": tune_trial_id,
-                "attempt": attempt,
-                "decision_board": ctx.decision_board,
-                "trial_node_id": ray.get_runtime_context().get_node_id(),
-            },
-            "adapter_block": family.ludwig(cfg.adapter),
+    loop_config = {
+        "trial": cfg.model_dump(mode="json"),
+        "run": {
+            "tracking_uri": ctx.tracking_uri,
+            "experiment_id": ctx.experiment_id,
+            "parent_run_id": ctx.parent_run_id,
+            "sweep": ctx.sweep,
+            "variant": family.variant(cfg.adapter),
+            "tune_trial_id": tune_trial_id,
+            "attempt": attempt,
+            "decision_board": ctx.decision_board,
+            "trial_node_id": ray.get_runtime_context().get_node_id(),
+            "fn_started": fn_started,
+            "reuse_workers": ctx.reuse_workers,
         },
-        scaling_config=ray.train.ScalingConfig(num_workers=ctx.workers, use_gpu=gpu, resources_per_worker=per_worker),
-        torch_config=TorchConfig(backend="nccl" if gpu else "gloo"),
-        run_config=ray.train.RunConfig(
-            name=f"{cfg.trial_id}_{tune_trial_id}_{attempt[:8]}",
-            storage_path=ctx.train_storage,
-            callbacks=[TuneReportCallback()],
-            # Retries are Tune's (failure.max_failures): a retried trial gets a fresh child run.
-            failure_config=ray.train.FailureConfig(max_failures=0),
-            worker_runtime_env={"env_vars": ctx.worker_env} if ctx.worker_env else None,
-        ),
-    )
+        "adapter_block": family.ludwig(cfg.adapter),
+    }
     try:
-        trainer.fit()
+        if ctx.reuse_workers:
+            _run_on_gang(loop_config, ctx)
+        else:
+            _run_on_train(loop_config, ctx, f"{cfg.trial_id}_{tune_trial_id}_{attempt[:8]}")
     except Exception as err:
         message = tracking.error_message(err)
         detail = "".join(traceback.format_exception(err))
@@ -301,6 +320,46 @@ def sweep_trial(config: dict[str, Any], ctx: LaunchContext) -> None:
         except Exception as log_err:  # MLflow unreachable: the Tune error still says why
             log.warning("could not record the failure of %s in MLflow: %s", cfg.trial_id, log_err)
         raise TrialFailed(message) from None
+
+
+def _per_worker(ctx: LaunchContext) -> dict[str, float]:
+    return {"CPU": ctx.cpus_per_worker, **({"GPU": ctx.gpus_per_worker} if ctx.gpus_per_worker > 0 else {})}
+
+
+def _run_on_gang(loop_config: dict[str, Any], ctx: LaunchContext) -> None:
+    from ray import tune
+
+    from sweep import gang
+
+    workers = gang.acquire(ctx.workers, _per_worker(ctx), ctx.worker_env)
+    try:
+        workers.run(loop_config, tune.report)
+    except BaseException:
+        gang.discard()  # a failed trial may leave a rank mid-collective: the next trial gets new workers
+        raise
+
+
+def _run_on_train(loop_config: dict[str, Any], ctx: LaunchContext, name: str) -> None:
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    gpu = ctx.gpus_per_worker > 0
+    TorchTrainer(
+        _worker_loop,
+        train_loop_config=loop_config,
+        scaling_config=ray.train.ScalingConfig(num_workers=ctx.workers, use_gpu=gpu,
+                                               resources_per_worker=_per_worker(ctx)),
+        torch_config=TorchConfig(backend="nccl" if gpu else "gloo"),
+        run_config=ray.train.RunConfig(
+            name=name,
+            storage_path=ctx.train_storage,
+            callbacks=[TuneReportCallback()],
+            # Retries are Tune's (failure.max_failures): a retried trial gets a fresh child run.
+            failure_config=ray.train.FailureConfig(max_failures=0),
+            worker_runtime_env={"env_vars": ctx.worker_env} if ctx.worker_env else None,
+        ),
+    ).fit()
 
 
 def _record_failure(ctx: LaunchContext, cfg, variant: str, tune_trial_id: str, attempt: str, message: str,
@@ -640,6 +699,7 @@ def build_context(spec, spec_dir: Path, plan, *, tracking_uri: str, experiment_i
         gpus_per_worker=spec.resources.gpus_per_worker,
         train_storage=sweep_state.join(storage, "_train"),
         worker_env=worker_env(spec),
+        reuse_workers=spec.resources.reuse_workers,
     )
     import ray
 
@@ -664,7 +724,9 @@ def _tune_configs(spec, plan, ctx: LaunchContext):
         scheduler=_scheduler(spec),
         trial_name_creator=TrialNamer(ctx),
         trial_dirname_creator=TrialDirNamer(ctx),
-        reuse_actors=False,
+        # Tune keeps a trial function's process for the next trial, and with it the gang of
+        # workers that process holds (sweep.gang).
+        reuse_actors=ctx.reuse_workers,
     )
     if spec.search.strategy == "optuna":
         import optuna

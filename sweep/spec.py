@@ -164,6 +164,9 @@ class ResourcesSpec(Strict):
     cpus_per_worker: float = Field(1, gt=0)
     gpus_per_worker: float = Field(0, ge=0)
     max_concurrent_trials: int = Field(1, ge=1)
+    reuse_workers: bool = Field(
+        True, description="Keep each trial's worker processes (and their process group and imports) for the next "
+                          "trial; false starts a fresh Ray Train run per trial (full isolation, ~17 s more per trial).")
 
 
 class FailureSpec(Strict):

@@ -331,9 +331,10 @@ class MlflowReporter:
     `eval_every` steps and at the end), so training makes no per-step HTTP calls."""
 
     def __init__(self, run: dict[str, Any] | None, adapter_block: dict[str, Any],
-                 placement: dict[str, str] | None = None):
+                 placement: dict[str, str] | None = None, overhead: dict[str, float] | None = None):
         self.adapter_block = adapter_block
         self.placement = placement or {}  # tag -> value: where the trial's processes ran
+        self.overhead = overhead or {}  # metric -> seconds spent before the trial's own code
         self._client = None
         self.run_id: str | None = None
         self._buffer: list[Any] = []
@@ -370,6 +371,7 @@ class MlflowReporter:
                     "train_examples", "eval_examples"):
             if isinstance(info.get(key), (int, float)):
                 self._buffer.append(self._metric(key, info[key], 0))
+        self._buffer += [self._metric(key, value, 0) for key, value in self.overhead.items()]
         tags = [RunTag("trial.device", str(info.get("device", ""))), RunTag("trial.dtype", str(info.get("dtype", "")))]
         tags += [RunTag(key, value) for key, value in self.placement.items()]
         self._flush(tags)

@@ -189,20 +189,49 @@ def _ray_nodes(address: str, env: dict[str, str]) -> list[dict[str, Any]]:
 
 
 @contextmanager
-def ray_nodes(root: Path, *, cpus: list[int], resources: list[dict[str, float]] | None = None):
+def ray_nodes(root: Path, *, cpus: list[int], resources: list[dict[str, float]] | None = None, attempts: int = 3):
     """A Ray cluster of len(cpus) nodes on this machine: `ray start --head --block` plus
     `ray start --address ... --block` per extra node, each with its own CPUs and custom
     resources, all on loopback (this host's primary address may not route to itself). Each
     `ray start --block` takes its node's processes down with it, so stopping its process
-    group stops the node; nothing else on the machine is touched."""
+    group stops the node; nothing else on the machine is touched.
+
+    A start is retried on fresh ports: a port found free can be taken by another process
+    before Ray binds it (seen once with the head's client server)."""
     resources = resources or [{} for _ in cpus]
+    procs: list[subprocess.Popen] = []
+    temp_dirs: list[str] = []
+    try:
+        for attempt in range(1, attempts + 1):
+            try:
+                cluster = _start_nodes(root / f"attempt-{attempt}", cpus, resources, procs, temp_dirs)
+                break
+            except RuntimeError:
+                _stop_nodes(procs, temp_dirs)
+                if attempt == attempts:
+                    raise
+        yield cluster
+    finally:
+        _stop_nodes(procs, temp_dirs)
+
+
+def _stop_nodes(procs: list[subprocess.Popen], temp_dirs: list[str]) -> None:
+    # Ray's graceful shutdown of a whole group takes ~30 s; a test cluster needs none of it.
+    for proc in reversed(procs):
+        _stop(proc, signal.SIGTERM, timeout=5)
+    for path in temp_dirs:
+        shutil.rmtree(path, ignore_errors=True)
+    procs.clear()
+    temp_dirs.clear()
+
+
+def _start_nodes(root: Path, cpus: list[int], resources: list[dict[str, float]], procs: list[subprocess.Popen],
+                 temp_dirs: list[str]) -> RayCluster:
+    root.mkdir(parents=True, exist_ok=True)
     port, dash, client = free_port(), free_port(), free_port()
     client_env, env = _ray_env()
     address = f"127.0.0.1:{port}"
-    procs: list[subprocess.Popen] = []
     logs: list[Path] = []
-
-    temp_dirs: list[str] = []
 
     def start(cmd: list[str], name: str, n_cpus: int, res: dict[str, float]) -> None:
         # Each node its own session folder, as on separate machines: nodes sharing one would
@@ -218,25 +247,18 @@ def ray_nodes(root: Path, *, cpus: list[int], resources: list[dict[str, float]] 
             procs.append(subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=root, env=env,
                                           start_new_session=True))
 
-    try:
-        start(["ray", "start", "--head", "--port", str(port), "--include-dashboard", "true",
-               "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash), "--ray-client-server-port", str(client)],
-              "head", cpus[0], resources[0])
-        _wait_nodes(address, env, 1, procs, logs)
-        for i, (n_cpus, res) in enumerate(zip(cpus[1:], resources[1:]), 1):
-            start(["ray", "start", "--address", address], f"worker-{i}", n_cpus, res)
-        nodes = _wait_nodes(address, env, len(cpus), procs, logs)
-        head = next(n["node_id"] for n in nodes if n.get("is_head_node"))
-        workers = sorted(n["node_id"] for n in nodes if not n.get("is_head_node"))
-        ids = {"head": head, **{f"worker-{i}": w for i, w in enumerate(workers, 1)}}
-        yield RayCluster(address=address, dashboard=f"http://127.0.0.1:{dash}", pid=procs[0].pid,
-                         client_env=client_env, node_ids=ids)
-    finally:
-        # Ray's graceful shutdown of a whole group takes ~30 s; a test cluster needs none of it.
-        for proc in reversed(procs):
-            _stop(proc, signal.SIGTERM, timeout=5)
-        for path in temp_dirs:
-            shutil.rmtree(path, ignore_errors=True)
+    start(["ray", "start", "--head", "--port", str(port), "--include-dashboard", "true",
+           "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash), "--ray-client-server-port", str(client)],
+          "head", cpus[0], resources[0])
+    _wait_nodes(address, env, 1, procs, logs)
+    for i, (n_cpus, res) in enumerate(zip(cpus[1:], resources[1:]), 1):
+        start(["ray", "start", "--address", address], f"worker-{i}", n_cpus, res)
+    nodes = _wait_nodes(address, env, len(cpus), procs, logs)
+    head = next(n["node_id"] for n in nodes if n.get("is_head_node"))
+    workers = sorted(n["node_id"] for n in nodes if not n.get("is_head_node"))
+    ids = {"head": head, **{f"worker-{i}": w for i, w in enumerate(workers, 1)}}
+    return RayCluster(address=address, dashboard=f"http://127.0.0.1:{dash}", pid=procs[0].pid,
+                      client_env=client_env, node_ids=ids)
 
 
 def _wait_nodes(address: str, env: dict[str, str], count: int, procs: list[subprocess.Popen], logs: list[Path],

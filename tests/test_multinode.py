@@ -26,6 +26,10 @@ def two_nodes(tmp_path_factory):
         yield cluster
 
 
+def worker_pids(children) -> list[set[str]]:
+    return [set(tags(r)["ray.worker_pids"].split(",")) for r in children]
+
+
 def assert_ran_on_both_nodes(children, cluster) -> None:
     assert len(children) == 2 and set(by_status(children)) == {"FINISHED"}, by_status(children)
     both = {cluster.node_ids["head"], cluster.node_ids["worker-1"]}
@@ -38,11 +42,17 @@ def assert_ran_on_both_nodes(children, cluster) -> None:
 
 
 def test_sweep_run_spreads_trials_over_both_nodes(two_nodes, tiny_model, mlflow_server, tmp_path):
-    spec = write_spec(tmp_path, "two-nodes-run", tiny_model, mlflow_server.uri, TWO_TRIALS)
+    """Each trial as its own Ray Train run (`reuse_workers: false`); `sweep submit` below
+    runs the default, workers kept across trials."""
+    spec = write_spec(tmp_path, "two-nodes-run", tiny_model, mlflow_server.uri, TWO_TRIALS,
+                      resources={"workers_per_trial": 2, "cpus_per_worker": 1, "gpus_per_worker": 0,
+                                 "max_concurrent_trials": 1, "reuse_workers": False})
     result = sweep_cli("run", str(spec), "--address", two_nodes.address, "--quiet", cluster=two_nodes)
     assert result.returncode == 0, show(result)
     _, children = sweep_runs(mlflow_server, "two-nodes-run")
     assert_ran_on_both_nodes(children, two_nodes)
+    first, second = worker_pids(children)
+    assert not first & second and {tags(r)["peft_sweep.workers"] for r in children} == {"train-run"}
 
 
 def test_sweep_submit_runs_as_a_job_and_reports_back(two_nodes, tiny_model, mlflow_server, tmp_path, monkeypatch):
@@ -55,6 +65,8 @@ def test_sweep_submit_runs_as_a_job_and_reports_back(two_nodes, tiny_model, mlfl
     assert "SUCCEEDED" in submitted.stdout and "sweep two-nodes-job: 2 finished, 0 failed" in submitted.stdout
     _, children = sweep_runs(mlflow_server, "two-nodes-job")
     assert_ran_on_both_nodes(children, two_nodes)
+    first, second = worker_pids(children)
+    assert first == second and {tags(r)["peft_sweep.workers"] for r in children} == {"kept"}  # the same processes
 
     status = sweep_cli("status", "two-nodes-job", cluster=two_nodes)
     assert status.returncode == 0, show(status)

@@ -125,6 +125,10 @@ def test_failed_trial_is_recorded_and_the_rest_finish(tmp_path, tiny_model, mlfl
 
 def test_resume_after_the_driver_is_killed(tmp_path, tiny_model, mlflow_server, ray_cluster):
     spec = write_spec(tmp_path, "e2e-resume", tiny_model, mlflow_server.uri, THREE_TRIALS)
+    raw = yaml.safe_load(spec.read_text())
+    # Long enough (~10 s each on kept workers) for the kill to land inside the second trial.
+    raw["search"]["trainer"].update(max_steps=200, eval_every=100)
+    spec.write_text(yaml.safe_dump(raw))
     planned = planned_ids(spec)
     log = tmp_path / "run.log"
     with log.open("wb") as fh:
