@@ -34,9 +34,10 @@ TARGET = 1.3
 RANKS = (4, 8, 16, 32, 12, 24)
 
 
-def spec(root: Path, trials: int, steps: int) -> Path:
+def spec(root: Path, trials: int, steps: int, reuse: bool = True) -> Path:
+    name = "overhead-bench" if reuse else "overhead-bench-train"
     body = {
-        "name": "overhead-bench",
+        "name": name,
         "model": {"base_model": str(MODEL)},
         "data": {"train": str(DATA / "train.jsonl"), "eval": str(DATA / "eval.jsonl"), "max_length": 32},
         "search": {
@@ -45,11 +46,12 @@ def spec(root: Path, trials: int, steps: int) -> Path:
             "trainer": {"learning_rate": 1e-3, "max_steps": steps, "batch_size": 16, "eval_every": steps,
                         "eval_batches": 4},
         },
-        "resources": {"workers_per_trial": 2, "cpus_per_worker": 1, "max_concurrent_trials": 1},
+        "resources": {"workers_per_trial": 2, "cpus_per_worker": 1, "max_concurrent_trials": 1,
+                      "reuse_workers": reuse},
         "deepspeed": {"zero_stage": 2},
         "tracking": {"uri": f"sqlite:///{root / 'mlflow.db'}"},
     }
-    path = root / "spec.yaml"
+    path = root / f"{name}.yaml"
     path.write_text(yaml.safe_dump(body, sort_keys=False))
     return path
 
@@ -80,7 +82,7 @@ def through_sweep(spec_path: Path, root: Path) -> tuple[float, list[dict]]:
     from mlflow import MlflowClient
 
     client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
-    exp = client.get_experiment_by_name("overhead-bench")
+    exp = client.get_experiment_by_name(yaml.safe_load(spec_path.read_text())["name"])
     out = []
     for run in client.search_runs([exp.experiment_id], "tags.`peft_sweep.role` = 'trial'"):
         m = run.data.metrics
@@ -94,7 +96,7 @@ def through_sweep(spec_path: Path, root: Path) -> tuple[float, list[dict]]:
     return wall, out
 
 
-def ray_floor(trials: int) -> tuple[float, list[float]]:
+def ray_floor(trials: int) -> tuple[float, float, float]:
     """N Tune trials, each a 2-worker TorchTrainer (gloo) whose loop does nothing, run the way
     `sweep run` runs them (same resources, one at a time)."""
     code = f"""
@@ -109,28 +111,29 @@ def loop(config):
     ray.train.report({{"done": 1}})
 
 def trial(config):
-    t0 = time.time()
     TorchTrainer(loop, scaling_config=ray.train.ScalingConfig(num_workers=2, resources_per_worker={{"CPU": 1}}),
                  torch_config=TorchConfig(backend="gloo"),
                  run_config=ray.train.RunConfig(callbacks=[TuneReportCallback()])).fit()
-    tune.report({{"trial_s": time.time() - t0}})
 
+from sweep.launch import init_ray  # the embedded runtime exactly as `sweep run` starts it
 t0 = time.time()
-ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1",
-         logging_level="ERROR", log_to_driver=False)
+init_ray(None, {{}}, verbose=False)
 init_s = time.time() - t0
+t0 = time.time()
 res = tune.Tuner(tune.with_resources(trial, {{"CPU": 0, "memory": 64 * 2**20}}),
                  param_space={{"i": tune.grid_search(list(range({trials})))}},
                  tune_config=tune.TuneConfig(max_concurrent_trials=1),
                  run_config=tune.RunConfig(verbose=0)).fit()
-print(json.dumps({{"init_s": init_s, "trial_s": [r.metrics["trial_s"] for r in res]}}))
+fit_s = time.time() - t0
+assert not [r for r in res if r.error], [r.error for r in res]
+print(json.dumps({{"init_s": init_s, "fit_s": fit_s}}))
 ray.shutdown()
 """
     started = time.perf_counter()
     done = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
     wall = time.perf_counter() - started
     result = json.loads(done.stdout.strip().splitlines()[-1])
-    return wall, result["trial_s"]
+    return wall, result["init_s"], result["fit_s"]
 
 
 def main() -> None:
@@ -145,36 +148,34 @@ def main() -> None:
         root = Path(tmp)
         spec_path = spec(root, n, args.steps)
         bare_runs = bare(spec_path, root)
-        sweep_wall, sweep_runs = through_sweep(spec_path, root)
-        floor_wall, floor_trials = ray_floor(n)
+        sweeps = {"kept workers": through_sweep(spec_path, root),
+                  "Ray Train run per trial": through_sweep(spec(root, n, args.steps, reuse=False), root)}
+        floor_wall, floor_init, floor_fit = ray_floor(n)
 
     bare_per = statistics.median(r["wall_s"] for r in bare_runs)
-    sweep_per = sweep_wall / n
     floor_per = floor_wall / n
     med = lambda key, runs: statistics.median(r[key] for r in runs if r.get(key) is not None)  # noqa: E731
-    rest = sweep_per - med("start_to_worker_s", sweep_runs) - med("worker_imports_s", sweep_runs) - med(
-        "in_process_s", sweep_runs)
     print(f"{n} trials, {args.steps} steps each, 2 workers, ZeRO-2 on CPU\n")
-    print(f"{'':<44}{'bare torchrun':>14}{'sweep run':>12}")
-    print(f"{'wall per trial (s)':<44}{bare_per:>14.1f}{sweep_per:>12.1f}")
-    print(f"{'  training inside it (s)':<44}{med('train_s', bare_runs):>14.2f}{med('train_s', sweep_runs):>12.2f}")
-    print(f"{'  set-up inside it: model, adapter, DeepSpeed (s)':<44}{med('setup_s', bare_runs):>14.2f}"
-          f"{med('setup_s', sweep_runs):>12.2f}")
-    print(f"\nratio sweep/bare per trial: {sweep_per / bare_per:.2f} (target <= {TARGET}); "
-          f"overhead {sweep_per - bare_per:+.1f} s per trial")
-    print("\nwhere a `sweep run` trial's wall time goes (medians, s):")
-    print(f"  trial function start -> worker code (Train controller, workers)  {med('start_to_worker_s', sweep_runs):6.1f}")
-    print(f"  worker imports                                                  {med('worker_imports_s', sweep_runs):6.1f}")
-    print(f"  the trial itself (set-up, training, evals, save)                {med('in_process_s', sweep_runs):6.1f}")
-    print(f"  the rest (Ray start / n, scheduling, reports, upload, shutdown) {rest:6.1f}")
-    print(f"\nRay's floor, an empty 2-worker Train run per Tune trial: {floor_per:.1f} s per trial "
-          f"(inside the trial function {statistics.median(floor_trials):.1f} s); that alone is "
-          f"{floor_per / bare_per:.2f} of a bare trial")
-    args.out.write_text(json.dumps({
-        "trials": n, "steps": args.steps, "bare": bare_runs, "sweep_wall_s": sweep_wall, "sweep": sweep_runs,
-        "floor_wall_s": floor_wall, "floor_trial_s": floor_trials, "bare_per_trial_s": bare_per,
-        "sweep_per_trial_s": sweep_per, "floor_per_trial_s": floor_per, "ratio": sweep_per / bare_per, "target": TARGET,
-    }, indent=2) + "\n")
+    print(f"bare `torchrun -m trials run`, one after another: {bare_per:.1f} s per trial "
+          f"(training {med('train_s', bare_runs):.2f} s, set-up {med('setup_s', bare_runs):.2f} s inside it)")
+    report = {"trials": n, "steps": args.steps, "bare": bare_runs, "bare_per_trial_s": bare_per, "target": TARGET}
+    for label, (wall, runs) in sweeps.items():
+        per = wall / n
+        rest = per - med("start_to_worker_s", runs) - med("worker_imports_s", runs) - med("in_process_s", runs)
+        print(f"\n`sweep run`, {label}: {per:.1f} s per trial ({wall:.1f} s for {n}, Ray start included); "
+              f"ratio to bare {per / bare_per:.2f} (target <= {TARGET}: {'met' if per / bare_per <= TARGET else 'missed'}); "
+              f"overhead {per - bare_per:+.1f} s per trial")
+        print(f"  training inside a trial                                  {med('train_s', runs):6.2f}")
+        print(f"  trial function start -> worker code                      {med('start_to_worker_s', runs):6.2f}")
+        print(f"  worker imports                                           {med('worker_imports_s', runs):6.2f}")
+        print(f"  the trial itself (set-up, training, evals, save)         {med('in_process_s', runs):6.2f}")
+        print(f"  the rest (Ray start / n, scheduling, reports, upload)    {rest:6.2f}")
+        report[label] = {"wall_s": wall, "per_trial_s": per, "ratio": per / bare_per, "runs": runs}
+    print(f"\nRay's floor, an empty 2-worker Ray Train run per Tune trial: {floor_per:.1f} s per trial "
+          f"(Ray start {floor_init:.1f} s once, then {floor_fit / n:.1f} s per trial in Tune), "
+          f"{floor_per / bare_per:.2f} of a bare trial before any of the trial's own work")
+    report.update(floor_wall_s=floor_wall, floor_init_s=floor_init, floor_fit_s=floor_fit, floor_per_trial_s=floor_per)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -4,8 +4,8 @@ DeepSpeed loop written here, on the same model, data, adapter, batch and ZeRO st
     python benchmarks/throughput.py [--steps 100] [--repeat 3] [--out throughput.json]
 
 The plain loop runs this file under `torchrun --nproc_per_node 2` (`--plain`): AutoModel,
-`get_peft_model(LoraConfig(...))`, `deepspeed.initialize` with a torch AdamW, then forward,
-backward and step on pre-collated batches of the same tokenized examples. Both sides count
+`get_peft_model(LoraConfig(...))`, `deepspeed.initialize` with a torch AdamW, then per step: collate a batch of the same
+tokenized examples, forward, backward, step. Both sides count
 the non-padding tokens of every rank over the training steps only (no evaluation, no
 set-up). The target is a ratio >= 0.97.
 """
@@ -90,7 +90,6 @@ def plain_loop(steps: int, batch: int, out: Path) -> None:
     data = DataConfig(train=str(DATA / "train.jsonl"), eval=str(DATA / "eval.jsonl"), max_length=32)
     examples = load_splits(data, tokenizer, 0).train
     batches = train_batches(examples, batch, rank, world, 0)
-    tensors = [collate(next(batches), tokenizer.pad_token_id) for _ in range(steps)]
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(MODEL, torch_dtype=torch.float32)
@@ -103,8 +102,9 @@ def plain_loop(steps: int, batch: int, out: Path) -> None:
     })
     engine.train()
     tokens, elapsed = 0, 0.0
-    for b in tensors:
+    for _ in range(steps):
         started = time.perf_counter()
+        b = collate(next(batches), tokenizer.pad_token_id)  # as a DataLoader would, inside the step
         loss = engine(**b).loss
         engine.backward(loss)
         engine.step()

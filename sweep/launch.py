@@ -1,13 +1,15 @@
-"""Run a planned sweep on Ray Tune; each trial is a Ray Train run of `trials.train.run_trial`.
+"""Run a planned sweep on Ray Tune; each trial runs `trials.train.run_trial` on its workers.
 
-Ray 2.60 runs Train V2, where a Tuner cannot wrap a Trainer. The pattern (Ray's "Hyperparameter
-Tuning with Ray Tune" guide) is a Tune function trial (`sweep_trial`) that builds a
-`TorchTrainer` and calls `.fit()`; the trainer's `TuneReportCallback` forwards each worker
-report to Tune, where schedulers (ASHA) and search algorithms (Optuna) see it.
+Ray 2.60 runs Train V2, where a Tuner cannot wrap a Trainer. A Tune function trial
+(`sweep_trial`) runs the trial on its workers and forwards their evaluation reports to
+Tune, where schedulers (ASHA) and search algorithms (Optuna) see them. The workers are
+either a gang kept from the trial before (sweep.gang, the default) or a fresh Ray Train
+`TorchTrainer` run whose `TuneReportCallback` forwards the reports (Ray's "Hyperparameter
+Tuning with Ray Tune" pattern, `reuse_workers: false`).
 
-    driver (sweep run)        Tune trial actor (sweep_trial)        Train workers (_worker_loop)
-    plan, parent run  --->    child run, TorchTrainer.fit()  --->   run_trial(cfg, tmp, reporter)
-    progress, reconcile <---  TuneReportCallback             <---   ray.train.report every eval
+    driver (sweep run)        Tune trial actor (sweep_trial)        workers (run_worker)
+    plan, parent run  --->    gang.run() or TorchTrainer.fit() ---> run_trial(cfg, tmp, reporter)
+    progress, reconcile <---  tune.report                     <---  a report every evaluation
                                                                     rank 0: MLflow metrics + artifacts
 """
 

@@ -81,6 +81,37 @@ def all_sum(values: list[float], device: torch.device) -> list[float]:
     return t.tolist()
 
 
+class AgreedFlag:
+    """A per-step yes/no that every rank learns together, reduced in the background: the
+    answer for one step is read at the next, so no step waits on a collective for it."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.pending: tuple[int, Any, Any] | None = None
+
+    def post(self, step: int, flag: bool) -> int | None:
+        """Start reducing this step's flag; returns the previous posted step if any rank raised it."""
+        import torch
+        import torch.distributed as dist
+
+        t = torch.tensor([1.0 if flag else 0.0], dtype=torch.float64, device=self.device)
+        previous, self.pending = self.pending, (step, dist.all_reduce(t, async_op=True), t)
+        return self._resolve(previous)
+
+    def flush(self) -> int | None:
+        """Wait for the last posted step; returns it if any rank raised its flag."""
+        previous, self.pending = self.pending, None
+        return self._resolve(previous)
+
+    @staticmethod
+    def _resolve(posted: tuple[int, Any, Any] | None) -> int | None:
+        if posted is None:
+            return None
+        step, work, t = posted
+        work.wait()
+        return step if t.item() else None
+
+
 def same_on_all_ranks(values: list[float], device: torch.device, rtol: float = 1e-6) -> bool:
     """Whether every rank holds (nearly) rank 0's values; the same answer on every rank."""
     import torch
