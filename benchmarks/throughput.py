@@ -1,7 +1,7 @@
 """In-trial throughput: tokens/s of a trial inside `sweep run` against a plain PEFT +
 DeepSpeed loop written here, on the same model, data, adapter, batch and ZeRO stage.
 
-    python benchmarks/throughput.py [--steps 100] [--repeat 3] [--out throughput.json]
+    python benchmarks/throughput.py [--steps 200] [--repeat 5] [--out throughput.json]
 
 The plain loop runs this file under `torchrun --nproc_per_node 2` (`--plain`): AutoModel,
 `get_peft_model(LoraConfig(...))`, `deepspeed.initialize` with a torch AdamW, then per step: collate a batch of the same
@@ -122,9 +122,9 @@ def plain_loop(steps: int, batch: int, out: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--out", type=Path, default=Path("throughput.json"))
     parser.add_argument("--plain", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
