@@ -28,6 +28,7 @@ from typing import Any
 
 from sweep import state as sweep_state
 from sweep import tracking
+from sweep.reconcile import PLACEMENT_GROUP_KEY, Reconciler, close_orphans
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +39,6 @@ TRIAL_FN_RESOURCES = {"CPU": 0, "memory": 64 * 2**20}
 # A cluster that advertises this custom resource (on its head or CPU nodes, see clusters/)
 # gets every trial function there, off the GPU nodes, as Ray's Tune+Train guide advises.
 DRIVER_RESOURCE = "trial_driver"
-PLACEMENT_GROUP_KEY = "ray_placement_group"
 _PASS_ENV_PREFIXES = ("HF_", "TRANSFORMERS_", "PEFT_SWEEP_", "MLFLOW_", "DS_", "NCCL_", "TORCH_", "CUDA_VISIBLE")
 
 
@@ -382,85 +382,6 @@ def make_trainable(ctx: LaunchContext):
 
 
 # --- the driver ---------------------------------------------------------------------------
-
-
-def release_placement_group(pg_hex: str) -> bool:
-    """Remove a Train run's placement group if it is still held; True when it was."""
-    from ray._raylet import PlacementGroupID
-    from ray.util.placement_group import PlacementGroup, placement_group_table, remove_placement_group
-
-    pg = PlacementGroup(PlacementGroupID(bytes.fromhex(pg_hex)))
-    if placement_group_table(pg).get("state") in (None, "REMOVED"):
-        return False
-    remove_placement_group(pg)
-    return True
-
-
-class Reconciler:
-    """Driver-side sink for trials that end without their own cleanup running: a trial
-    stopped early by ASHA (Tune ends its actor; the Train controller dies with it) or one
-    whose process died.
-
-    - MLflow: closes the trial's child run if still RUNNING (FINISHED + early_stopped tag
-      for a stopped trial, FAILED for an errored one).
-    - Ray: releases the Train workers' placement group if still held. Train V2 leaves that
-      to a detached cleaner actor, whose monitor thread dies on the first transient GCS
-      timeout (measured on a loaded 2-core node: the group leaked and the next trial waited
-      forever for its CPUs)."""
-
-    def __init__(self, ctx: LaunchContext):
-        self.ctx = ctx
-        self.client = tracking.client(ctx.tracking_uri)
-        self.placement_groups: dict[str, str] = {}
-
-    def _open_runs(self, trial: Any):
-        runs = tracking.children(self.client, self.ctx.experiment_id, self.ctx.parent_run_id)
-        return [r for r in runs if r.data.tags.get(tracking.TUNE_TRIAL_TAG) == trial.trial_id
-                and r.info.status == "RUNNING"]
-
-    def event(self, kind: str, trial: Any, result: dict | None = None) -> None:
-        if kind == "result" and result and result.get(PLACEMENT_GROUP_KEY):
-            self.placement_groups[trial.trial_id] = result[PLACEMENT_GROUP_KEY]
-        if kind not in ("complete", "error"):
-            return
-        pg = self.placement_groups.pop(trial.trial_id, None)
-        if pg:
-            try:
-                if release_placement_group(pg):
-                    log.info("released the placement group of stopped trial %s", trial)
-            except Exception as err:
-                log.warning("could not release the placement group of trial %s: %s", trial, err)
-        try:
-            for run in self._open_runs(trial):
-                if kind == "complete":
-                    from mlflow.entities import RunTag
-
-                    self.client.log_batch(run.info.run_id, tags=[RunTag(tracking.EARLY_STOP_TAG, "true")])
-                    self.client.set_terminated(run.info.run_id, status="FINISHED")
-                else:
-                    from sweep.progress import trial_error_line
-
-                    tracking.fail_child(self.client, run.info.run_id, trial_error_line(trial),
-                                        str(trial.get_error() or ""))
-        except Exception as err:  # never let bookkeeping stop the sweep
-            log.warning("could not reconcile the MLflow run of trial %s: %s", trial, err)
-
-
-def close_orphans(ctx: LaunchContext) -> int:
-    """After Tune returns no trial is running: close any child still RUNNING."""
-    client = tracking.client(ctx.tracking_uri)
-    runs = tracking.children(client, ctx.experiment_id, ctx.parent_run_id)
-    finished = {r.data.tags.get("trial_id") for r in runs if r.info.status == "FINISHED"}
-    closed = 0
-    for run in runs:
-        if run.info.status != "RUNNING":
-            continue
-        closed += 1
-        if run.data.tags.get("trial_id") in finished:
-            tracking.retire(client, run, "a FINISHED run of the same trial exists")
-        else:
-            tracking.fail_child(client, run.info.run_id, "the trial ended without closing its run (its process died)")
-    return closed
 
 
 def worker_env(spec) -> dict[str, str]:
