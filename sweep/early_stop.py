@@ -91,11 +91,8 @@ class DecidingASHA(ASHAScheduler):
 
     def on_trial_result(self, tune_controller, trial, result: dict) -> str:
         decision = super().on_trial_result(tune_controller, trial, result)
-        step = result.get("step")
-        if decision != TrialScheduler.STOP or not isinstance(step, (int, float)):
-            self._announce(trial.trial_id, step, False)
-            return decision
-        if self._announce(trial.trial_id, step, True):
+        stop = decision == TrialScheduler.STOP
+        if self._announce(trial.trial_id, result.get("step"), stop) and stop:
             return TrialScheduler.CONTINUE  # the trial stops itself after this report
         return decision
 

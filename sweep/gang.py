@@ -38,14 +38,11 @@ class GangWorker:
         self.lock = threading.Lock()
 
     def address(self) -> tuple[str, int]:
-        import socket
-
         import ray
 
-        with socket.socket() as s:
-            s.bind(("", 0))
-            port = s.getsockname()[1]
-        return ray.util.get_node_ip_address(), port
+        from sweep.launch import free_port
+
+        return ray.util.get_node_ip_address(), free_port("")
 
     def connect(self, master: tuple[str, int], backend: str) -> str:
         """Join the gang's process group and import what every trial needs; returns the node id."""

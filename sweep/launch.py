@@ -394,11 +394,11 @@ def worker_env(spec) -> dict[str, str]:
     return env
 
 
-def _free_port() -> int:
+def free_port(host: str = "127.0.0.1") -> int:
     import socket
 
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
+        sock.bind((host, 0))
         return sock.getsockname()[1]
 
 
@@ -416,10 +416,6 @@ def init_ray(address: str | None, env: dict[str, str], *, verbose: bool) -> str 
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     import ray
 
-    return _init_ray(ray, address, env, verbose=verbose)
-
-
-def _init_ray(ray, address: str | None, env: dict[str, str], *, verbose: bool) -> str | None:
     runtime_env: dict[str, Any] = {"env_vars": dict(env)}
     if not _is_local_address(address):
         # A remote cluster may not have this project installed: ship both packages.
@@ -438,7 +434,7 @@ def _init_ray(ray, address: str | None, env: dict[str, str], *, verbose: bool) -
     # stale every trial's teardown waited 12 s for the cleaner, and a stopped trial's
     # placement group leaked (measured), so every process of this job gets RAY_ADDRESS.
     if address is None:
-        port = _free_port()
+        port = free_port()
         runtime_env["env_vars"]["RAY_ADDRESS"] = f"127.0.0.1:{port}"
         previous = os.environ.get("RAY_GCS_SERVER_PORT")
         os.environ["RAY_GCS_SERVER_PORT"] = str(port)
