@@ -1,58 +1,41 @@
-"""Turn validation failures into one line per problem, naming the field and the fix."""
+"""Every error a user can fix, under one base: its lines are the message (one problem per
+line, naming the field or flag and the fix). The command line catches `UserError` once and
+exits 2; anything else is a bug and keeps its traceback."""
 
 from __future__ import annotations
 
-import difflib
 
-from pydantic import ValidationError
+class UserError(Exception):
+    """A mistake the user can fix; nothing has been launched (or left running) because of it."""
 
-from trials.adapters import FAMILIES
-
-# Loc entries Pydantic adds for union members; they are not part of the user's key path.
-_UNION_TAGS = {"grid", "distribution", *FAMILIES, "fifo", "asha"}
-
-
-def field_path(loc: tuple) -> str:
-    parts: list[str] = []
-    for i, item in enumerate(loc):
-        if isinstance(item, int):
-            parts.append(f"[{item}]")
-            continue
-        previous = loc[i - 1] if i else None
-        if item in _UNION_TAGS and (isinstance(previous, int) or previous in ("scheduler", "adapter") or item in ("grid", "distribution")):
-            continue
-        if item.startswith(("function-", "list[", "int", "float", "str", "bool")) and item not in ("int",):
-            continue
-        parts.append(("." if parts else "") + item)
-    return "".join(parts) or "spec"
+    def __init__(self, lines: list[str] | str):
+        self.lines = [lines] if isinstance(lines, str) else list(lines)
+        super().__init__("\n".join(self.lines))
 
 
-def _message(err: dict) -> str:
-    kind = err["type"]
-    if kind == "missing":
-        return "required field is missing"
-    if kind in ("union_tag_invalid", "union_tag_not_found"):
-        ctx = err.get("ctx", {})
-        tag = ctx.get("tag")
-        expected = ctx.get("expected_tags", "")
-        if tag is None:
-            return f"missing `type`; use one of {expected}"
-        names = [t.strip().strip("'") for t in str(expected).split(",")]
-        close = difflib.get_close_matches(str(tag), names, n=1)
-        hint = f"did you mean {close[0]!r}?" if close else f"use one of {expected}"
-        return f"unknown type {tag!r} ({hint})"
-    msg = err["msg"]
-    if msg.startswith("Value error, "):
-        msg = msg[len("Value error, "):]
-    if kind not in ("unknown_key",) and "input" in err and not isinstance(err["input"], (dict, list)):
-        msg = f"{msg} (got {err['input']!r})"
-    return msg
+class SpecError(UserError):
+    """The spec (or a file it names) is invalid."""
 
 
-def validation_lines(err: ValidationError) -> list[str]:
-    lines: list[str] = []
-    for e in err.errors():
-        line = f"{field_path(tuple(e['loc']))}: {_message(e)}"
-        if line not in lines:
-            lines.append(line)
-    return lines
+class LaunchError(UserError):
+    """The sweep cannot start or reach its cluster, tracking server or job server."""
+
+
+class StateError(UserError):
+    """A sweep folder is missing, already taken, or not a sweep folder."""
+
+
+class SweepLookupError(UserError):
+    """The sweep, its store or its runs cannot be found."""
+
+
+class TrialFailed(Exception):
+    """A trial's failure, as one line (the traceback is the child run's error.txt).
+
+    Not a user error: one failed trial does not stop the sweep. Tune keeps only the text of
+    a trial's exception, so the driver finds this line in that text by `FAILURE_PREFIXES`."""
+
+
+# How a TrialFailed's line starts in a formatted traceback (module-qualified, as Python and
+# Ray print it) or in a bare `str` of the exception chain.
+FAILURE_PREFIXES = (f"{TrialFailed.__module__}.{TrialFailed.__qualname__}:", f"{TrialFailed.__qualname__}:")

@@ -19,6 +19,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -168,14 +169,16 @@ class RayCluster:
     address: str
     dashboard: str
     pid: int
-    # `ray start` turns on token authentication; a client sends the token (~/.ray/auth_token)
-    # only in token mode.
+    # The cluster runs with token authentication, as Ray 2.60 clusters do by default; its
+    # clients need the mode and the token (a fresh one per test session, never ~/.ray's).
     client_env: dict[str, str]
     node_ids: dict[str, str] = field(default_factory=dict)  # "head" / "worker-N" -> Ray node id
 
 
 def _ray_env() -> tuple[dict[str, str], dict[str, str]]:
-    client_env = {"RAY_AUTH_MODE": "token"}
+    # `ray start` refuses token mode without a token; one from the environment keeps the test
+    # independent of whatever ~/.ray holds on the machine.
+    client_env = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": uuid.uuid4().hex}
     return client_env, {**os.environ, "RAY_TRAIN_V2_ENABLED": "1", **client_env}
 
 

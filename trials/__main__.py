@@ -1,5 +1,10 @@
-"""`python -m trials run TRIAL.json [MORE.json ...] --out DIR` (also under torchrun) and
-`python -m trials build-tiny [--quick] [--out DIR]`."""
+"""The trials command line (the only one):
+
+- `python -m trials run TRIAL.json [MORE.json ...] --out DIR` (also under torchrun);
+- `python -m trials build-tiny [--quick] [--out DIR] [--seed N] [--steps N]`: the tiny
+  pretrained Llama and its task;
+- `python -m trials tiny-task --out DIR [--seed N] [--n-train N] [--n-eval N]`: the task only.
+"""
 
 from __future__ import annotations
 
@@ -90,17 +95,23 @@ def run(args: argparse.Namespace) -> int:
 
 
 def build_tiny(args: argparse.Namespace) -> int:
-    try:
-        from trials import tiny
-    except ImportError:
-        _fail("trials.tiny is not available in this installation")
-        return 2
+    from trials import tiny
+
     if args.out is None:
         print(tiny.ensure_tiny(quick=args.quick))
     else:
-        path = tiny.build_base_model(args.out, quick=args.quick)
-        tiny.write_task(path / "task")
+        steps = args.steps if args.steps is not None else tiny.DEFAULT_STEPS
+        path = tiny.build_base_model(args.out, seed=args.seed, steps=steps, quick=args.quick)
+        tiny.write_task(path / "task", seed=args.seed)
         print(path)
+    return 0
+
+
+def tiny_task(args: argparse.Namespace) -> int:
+    from trials import tiny
+
+    tiny.write_task(args.out, seed=args.seed, n_train=args.n_train, n_eval=args.n_eval)
+    print(args.out)
     return 0
 
 
@@ -115,7 +126,14 @@ def main(argv: list[str] | None = None) -> int:
                    help="After a failed trial, record out/error.txt and run the next; exit nonzero at the end.")
     b = sub.add_parser("build-tiny", help="Build the tiny pretrained Llama and its task (cached unless --out).")
     b.add_argument("--quick", action="store_true", help="A few training steps only (for tests).")
-    b.add_argument("--out", type=Path, help="Build into this directory instead of the cache.")
+    b.add_argument("--out", type=Path, help="Build into this directory instead of the cache (always rebuilds).")
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--steps", type=int, default=None, help="Pretraining steps (default: the shipped model's).")
+    t = sub.add_parser("tiny-task", help="Write train.jsonl and eval.jsonl of the tiny model's downstream task.")
+    t.add_argument("--out", type=Path, required=True)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--n-train", type=int, default=2000)
+    t.add_argument("--n-eval", type=int, default=200)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if _rank() == 0 else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -123,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     from trials.errors import TrialError
 
     try:
-        return run(args) if args.command == "run" else build_tiny(args)
+        return {"run": run, "build-tiny": build_tiny, "tiny-task": tiny_task}[args.command](args)
     except TrialError as err:
         _fail(str(err))
         return 2

@@ -17,7 +17,10 @@ if TYPE_CHECKING:
 ADAPTER_DIR = "adapter"
 INITIAL_ADAPTER_DIR = "initial_adapter"
 PROBE_FILE = "probe_logits.pt"
-_PACKAGES = ("torch", "deepspeed", "peft", "transformers", "tokenizers", "datasets", "accelerate")
+# The one list of packages whose versions a result records: the trial's metrics.json, the
+# sweep's parent run tags and the PEFT method_comparison export all read it.
+PACKAGES = ("peft-sweep", "torch", "deepspeed", "peft", "transformers", "tokenizers", "datasets", "accelerate",
+            "ray", "mlflow", "optuna", "bitsandbytes")
 
 
 def save_initial_adapter(model: PeftModel, path: Path) -> None:
@@ -54,7 +57,7 @@ def dir_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
-def versions(packages: tuple[str, ...] = _PACKAGES) -> dict[str, str]:
+def versions(packages: tuple[str, ...] = PACKAGES) -> dict[str, str]:
     out = {"python": platform.python_version()}
     for name in packages:
         try:
@@ -64,8 +67,23 @@ def versions(packages: tuple[str, ...] = _PACKAGES) -> dict[str, str]:
     return out
 
 
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    """Readers see the old file or the new one, never half of either (also after a crash:
+    the data is on disk before the rename)."""
+    import tempfile
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 def write_json(path: Path, data: Any) -> None:
-    """Write atomically, so a reader never sees half a file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
-    os.replace(tmp, path)
+    write_bytes_atomic(path, (json.dumps(data, indent=2, sort_keys=False, default=str) + "\n").encode())

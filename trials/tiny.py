@@ -11,7 +11,6 @@ whether joined or apart, so a trial's prompt/response split never depends on mer
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import math
@@ -143,7 +142,14 @@ def write_task(out_dir: str | Path, *, seed: int = 0, n_train: int = 2000, n_eva
 
 
 def build_tokenizer() -> PreTrainedTokenizerFast:
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+    from tokenizers import (
+        Regex,
+        Tokenizer,
+        decoders,
+        models,
+        pre_tokenizers,
+        processors,
+    )
     from transformers import PreTrainedTokenizerFast
 
     vocab = {tok: i for i, tok in enumerate((*SPECIAL_TOKENS, *CHARACTERS))}
@@ -335,36 +341,3 @@ def ensure_tiny(cache_dir: str | Path | None = None, *, quick: bool = False) -> 
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
     return target
-
-
-# --- CLI ------------------------------------------------------------------------------
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m trials.tiny", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    b = sub.add_parser("build", help="Build (or reuse) the tiny pretrained model and its task; print the model path.")
-    b.add_argument("--out", type=Path, help="Build into this directory instead of the cache (always rebuilds).")
-    b.add_argument("--quick", action="store_true", help="A few training steps only (seconds; for tests).")
-    b.add_argument("--seed", type=int, default=0)
-    b.add_argument("--steps", type=int, default=DEFAULT_STEPS)
-    t = sub.add_parser("task", help="Write train.jsonl and eval.jsonl of the downstream task; print the directory.")
-    t.add_argument("--out", type=Path, required=True)
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--n-train", type=int, default=2000)
-    t.add_argument("--n-eval", type=int, default=200)
-    args = parser.parse_args(argv)
-    if args.command == "build":
-        if args.out is None:
-            print(ensure_tiny(quick=args.quick))
-        else:
-            out = build_base_model(args.out, seed=args.seed, steps=args.steps, quick=args.quick)
-            write_task(out / "task", seed=args.seed)
-            print(out)
-    else:
-        write_task(args.out, seed=args.seed, n_train=args.n_train, n_eval=args.n_eval)
-        print(args.out)
-
-
-if __name__ == "__main__":
-    main()

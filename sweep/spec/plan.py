@@ -13,8 +13,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sweep.expand import Expansion, Rejected, expand, resolve_model
-from sweep.spec import SpecError, SweepSpec
+from sweep.errors import SpecError
+from sweep.spec.expand import Candidate, Expansion, Rejected, expand, resolve_model
+from sweep.spec.schema import SweepSpec
 from trials.adapters import FAMILIES, Issue, PlanContext, TargetShape
 from trials.config import TrialConfig
 
@@ -43,16 +44,23 @@ class TrialPlan:
 
 @dataclass
 class Plan:
+    """The checked sweep. It keeps its expansion, so a launch runs exactly what was planned."""
+
     spec: SweepSpec
     spec_dir: Path
     base_params: int
+    expansion: Expansion
     trials: list[TrialPlan] = field(default_factory=list)
     rejected: list[Rejected] = field(default_factory=list)
-    candidates: list[tuple[dict[str, Any], AdapterCheck]] = field(default_factory=list)
+    candidates: list[tuple[dict[str, Any], AdapterCheck]] = field(default_factory=list)  # one per expansion candidate
 
     @property
     def ok(self) -> bool:
         return not self.rejected
+
+    def valid_candidates(self) -> list[Candidate]:
+        """The expansion's adapter configurations that passed the shape checks (what Optuna picks from)."""
+        return [cand for cand, (_, check) in zip(self.expansion.candidates, self.candidates) if not check.errors]
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -214,7 +222,8 @@ def make_plan(spec: SweepSpec, spec_dir: Path, *, expansion: Expansion | None = 
     ctx = PlanContext(gpus=spec.resources.gpus_per_worker > 0)
 
     checks: dict[str, AdapterCheck] = {}
-    plan = Plan(spec=spec, spec_dir=spec_dir, base_params=shapes.base_params, rejected=list(expansion.rejected))
+    plan = Plan(spec=spec, spec_dir=spec_dir, base_params=shapes.base_params, expansion=expansion,
+                rejected=list(expansion.rejected))
 
     def check(adapter: Any) -> AdapterCheck:
         key = json.dumps(adapter.model_dump(mode="json") if hasattr(adapter, "model_dump") else adapter, sort_keys=True)

@@ -3,25 +3,13 @@
 from __future__ import annotations
 
 import os
-import signal
-import socket
 import subprocess
 import sys
-import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
-HOST = "127.0.0.1"
-
-
-def port_free(port: int, host: str = HOST) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        try:
-            s.bind((host, port))
-        except OSError:
-            return False
-    return True
+from sweep.util.net import LOOPBACK as HOST
+from sweep.util.net import wait_healthy
+from sweep.util.procs import stop_group
 
 
 def base_url(port: int, host: str = HOST) -> str:
@@ -49,30 +37,9 @@ def start_ui(tracking_uri: str, port: int, host: str = HOST, log_path: str | Pat
 
 def wait_serving(url: str, proc: subprocess.Popen, timeout: float = 120.0) -> bool:
     """True once `url/health` answers; False if the process exits or the timeout passes."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            return False
-        try:
-            with urllib.request.urlopen(url.rstrip("/") + "/health", timeout=2) as resp:
-                if resp.status == 200:
-                    return True
-        except (urllib.error.URLError, OSError):
-            pass
-        time.sleep(0.3)
-    return False
+    return wait_healthy(url.rstrip("/") + "/health", timeout, alive=lambda: proc.poll() is None)
 
 
-def stop(proc: subprocess.Popen, timeout: float = 15.0) -> None:
-    """Stop the UI and the workers it started (its own process group, led by its PID)."""
-    if proc.poll() is not None:
-        return
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    try:
-        proc.wait(timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+def stop(proc: subprocess.Popen) -> None:
+    """Stop the UI and the workers it started (its own process group)."""
+    stop_group(proc)

@@ -10,7 +10,7 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
-from sweep.table import ARROWS, Table
+from sweep.results.table import ARROWS, Table
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient

@@ -4,23 +4,24 @@ MLflow runs are closed, their Ray Train placement groups released."""
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from sweep import tracking
+from ray._raylet import PlacementGroupID
+from ray.util.placement_group import (
+    PlacementGroup,
+    placement_group_table,
+    remove_placement_group,
+)
 
-if TYPE_CHECKING:
-    from sweep.launch import LaunchContext
+from sweep.launch.context import PLACEMENT_GROUP_KEY, LaunchContext
+from sweep.launch.progress import trial_error_line
+from sweep.tracking import layout, runs
 
 log = logging.getLogger(__name__)
-
-PLACEMENT_GROUP_KEY = "ray_placement_group"  # rides along a Train report (sweep.launch._train_report)
 
 
 def release_placement_group(pg_hex: str) -> bool:
     """Remove a Train run's placement group if it is still held; True when it was."""
-    from ray._raylet import PlacementGroupID
-    from ray.util.placement_group import PlacementGroup, placement_group_table, remove_placement_group
-
     pg = PlacementGroup(PlacementGroupID(bytes.fromhex(pg_hex)))
     if placement_group_table(pg).get("state") in (None, "REMOVED"):
         return False
@@ -42,12 +43,12 @@ class Reconciler:
 
     def __init__(self, ctx: LaunchContext):
         self.ctx = ctx
-        self.client = tracking.client(ctx.tracking_uri)
+        self.client = layout.client(ctx.tracking_uri)
         self.placement_groups: dict[str, str] = {}
 
     def _open_runs(self, trial: Any):
-        runs = tracking.children(self.client, self.ctx.experiment_id, self.ctx.parent_run_id)
-        return [r for r in runs if r.data.tags.get(tracking.TUNE_TRIAL_TAG) == trial.trial_id
+        children = layout.children(self.client, self.ctx.experiment_id, self.ctx.parent_run_id)
+        return [r for r in children if r.data.tags.get(layout.TUNE_TRIAL_TAG) == trial.trial_id
                 and r.info.status == "RUNNING"]
 
     def event(self, kind: str, trial: Any, result: dict | None = None) -> None:
@@ -65,31 +66,25 @@ class Reconciler:
         try:
             for run in self._open_runs(trial):
                 if kind == "complete":
-                    from mlflow.entities import RunTag
-
-                    self.client.log_batch(run.info.run_id, tags=[RunTag(tracking.EARLY_STOP_TAG, "true")])
-                    self.client.set_terminated(run.info.run_id, status="FINISHED")
+                    runs.mark_early_stopped(self.client, run.info.run_id)
                 else:
-                    from sweep.progress import trial_error_line
-
-                    tracking.fail_child(self.client, run.info.run_id, trial_error_line(trial),
-                                        str(trial.get_error() or ""))
+                    runs.fail_child(self.client, run.info.run_id, trial_error_line(trial), str(trial.get_error() or ""))
         except Exception as err:  # never let bookkeeping stop the sweep
             log.warning("could not reconcile the MLflow run of trial %s: %s", trial, err)
 
 
 def close_orphans(ctx: LaunchContext) -> int:
     """After Tune returns no trial is running: close any child still RUNNING."""
-    client = tracking.client(ctx.tracking_uri)
-    runs = tracking.children(client, ctx.experiment_id, ctx.parent_run_id)
-    finished = {r.data.tags.get("trial_id") for r in runs if r.info.status == "FINISHED"}
+    client = layout.client(ctx.tracking_uri)
+    children = layout.children(client, ctx.experiment_id, ctx.parent_run_id)
+    finished = {r.data.tags.get(layout.TRIAL_ID_TAG) for r in children if r.info.status == "FINISHED"}
     closed = 0
-    for run in runs:
+    for run in children:
         if run.info.status != "RUNNING":
             continue
         closed += 1
-        if run.data.tags.get("trial_id") in finished:
-            tracking.retire(client, run, "a FINISHED run of the same trial exists")
+        if run.data.tags.get(layout.TRIAL_ID_TAG) in finished:
+            runs.retire(client, run, "a FINISHED run of the same trial exists")
         else:
-            tracking.fail_child(client, run.info.run_id, "the trial ended without closing its run (its process died)")
+            runs.fail_child(client, run.info.run_id, "the trial ended without closing its run (its process died)")
     return closed

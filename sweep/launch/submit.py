@@ -9,15 +9,21 @@ this machine, so `sweep status NAME` and `sweep logs NAME` can find its job.
 
 from __future__ import annotations
 
-import json
+import asyncio
+import os
 import shlex
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from sweep import state as sweep_state
-from sweep.launch import LaunchError
+from ray.job_submission import JobSubmissionClient
+
+import sweep
+import trials
+from sweep.errors import LaunchError
+from sweep.tracking.layout import is_relative_store, tracking_uri
+from sweep.util.storage import JsonIndex
 
 # Left out of the shipped folder: earlier local runs and tracking stores.
 EXCLUDES = ["runs/", "mlruns/", "mlartifacts/", "mlflow.db", ".git/", "__pycache__/", "*.pyc", ".venv/"]
@@ -36,9 +42,7 @@ class Submission:
     submitted_at: float
 
 
-def client(address: str):
-    from ray.job_submission import JobSubmissionClient
-
+def client(address: str) -> JobSubmissionClient:
     try:
         return JobSubmissionClient(address)
     except Exception as err:  # ConnectionError, or a RuntimeError from the version check
@@ -49,9 +53,7 @@ def client(address: str):
 
 def _check_tracking_uri(uri: str) -> None:
     """A job's working dir is temporary and other nodes cannot write into it."""
-    relative_file = (uri.startswith("sqlite:///") and not uri.startswith("sqlite:////")) or (
-        "://" not in uri and not Path(uri).is_absolute())
-    if relative_file:
+    if is_relative_store(uri):
         raise LaunchError(f"tracking: {uri!r} would live inside the job's temporary working dir; pass "
                           "--tracking-uri with an MLflow server every node can reach (e.g. http://mlflow:5000)")
 
@@ -63,21 +65,19 @@ def entrypoint(spec_rel: str, storage: str, tracking_uri: str | None) -> str:
     return " ".join(shlex.quote(a) for a in args)
 
 
-def submit(spec, spec_path: Path, spec_dir: Path, *, address: str, storage: str | None, tracking_uri: str | None,
+def submit(spec, spec_path: Path, spec_dir: Path, *, address: str, storage: str | None, cli_uri: str | None,
            working_dir: Path | None) -> Submission:
-    import os
-
-    import sweep
-    import trials
-
     root = Path(working_dir or spec_dir).expanduser().resolve()
     try:
         spec_rel = spec_path.resolve().relative_to(root).as_posix()
     except ValueError:
         raise LaunchError(f"--working-dir {root}: the spec {spec_path} is not inside it; the job ships that "
                           "folder, so it must hold the spec") from None
-    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or spec.tracking.uri
-    _check_tracking_uri(uri)
+    # The job runs on the cluster, where only an absolute store or a server means the same
+    # thing; the raw value is checked before the one URI rule makes it absolute here.
+    raw = cli_uri or os.environ.get("MLFLOW_TRACKING_URI") or spec.tracking.uri
+    _check_tracking_uri(raw)
+    uri = tracking_uri(cli_uri, spec.tracking.uri, spec_dir)
     jobs = client(address)
     job_id = f"sweep-{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     runtime_env: dict[str, Any] = {
@@ -99,25 +99,15 @@ def submit(spec, spec_path: Path, spec_dir: Path, *, address: str, storage: str 
 # --- this machine's record of submissions -------------------------------------------------
 
 
-def _index_path() -> Path:
-    return sweep_state._index_path().with_name("submissions.json")
-
-
-def _index() -> dict[str, dict[str, Any]]:
-    try:
-        return json.loads(_index_path().read_text())
-    except (OSError, json.JSONDecodeError):
-        return {}
+SUBMISSIONS = JsonIndex("submissions.json")  # sweep name -> its latest Submission
 
 
 def remember(sub: Submission) -> None:
-    index = _index()
-    index[sub.name] = asdict(sub)
-    sweep_state.write_bytes_atomic(str(_index_path()), (json.dumps(index, indent=2, sort_keys=True) + "\n").encode())
+    SUBMISSIONS.put(sub.name, asdict(sub))
 
 
 def find(name: str) -> Submission | None:
-    entry = _index().get(name)
+    entry = SUBMISSIONS.get(name)
     return Submission(**entry) if entry else None
 
 
@@ -133,8 +123,6 @@ def logs(sub: Submission, *, follow: bool, write) -> str:
     if not follow:
         write(jobs.get_job_logs(sub.job_id))
         return str(jobs.get_job_status(sub.job_id).value)
-
-    import asyncio
 
     async def tail() -> None:
         async for chunk in jobs.tail_job_logs(sub.job_id):

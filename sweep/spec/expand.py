@@ -11,8 +11,8 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from sweep.errors import field_path
-from sweep.spec import Distribution, SweepSpec, is_scalar
+from sweep.spec.messages import field_path
+from sweep.spec.schema import Distribution, SweepSpec, is_scalar
 from trials.adapters import FAMILIES
 from trials.config import DataConfig, ModelConfig, TrainerConfig, TrialConfig
 
@@ -44,6 +44,7 @@ class Expansion:
     trials: list[TrialConfig] = field(default_factory=list)
     rejected: list[Rejected] = field(default_factory=list)
     candidates: list[Candidate] = field(default_factory=list)
+    inputs: TrialInputs | None = None
 
 
 def _product(values: dict[str, list[Any]]) -> list[dict[str, Any]]:
@@ -105,26 +106,35 @@ def _resolve_data(data: DataConfig, spec_dir: Path) -> DataConfig:
     return data.model_copy(update={"train": resolve(data.train), "eval": resolve(data.eval)})
 
 
-def resolved_inputs(spec: SweepSpec, spec_dir: Path) -> dict[str, Any]:
-    """The spec's model and data with paths resolved against the spec's folder."""
+@dataclass(frozen=True)
+class TrialInputs:
+    """What every trial of a spec shares: model, data and DeepSpeed settings as written in the
+    spec (they enter the trial id, so ids do not depend on where the spec lives) and the model
+    and data with their paths resolved (what the trial runs on). Plain pydantic models, so a
+    launch can ship them to the processes that build trials from sampled values."""
+
+    model: ModelConfig
+    data: DataConfig
+    deepspeed: Any
+    resolved: dict[str, Any]
+
+
+def trial_inputs(spec: SweepSpec, spec_dir: Path) -> TrialInputs:
     model = ModelConfig(base_model=resolve_model(spec.model.base_model, spec_dir), trust_remote_code=spec.model.trust_remote_code)
-    return {"model": model, "data": _resolve_data(spec.data, spec_dir)}
+    return TrialInputs(spec.model, spec.data, spec.deepspeed, {"model": model, "data": _resolve_data(spec.data, spec_dir)})
 
 
-def build_trial(
-    spec: SweepSpec, spec_dir: Path, adapter: dict[str, Any], trainer: dict[str, Any], seed: int,
-    resolved: dict[str, Any] | None = None,
-) -> TrialConfig:
+def build_trial(inputs: TrialInputs, adapter: dict[str, Any], trainer: dict[str, Any], seed: int) -> TrialConfig:
     """A TrialConfig whose id comes from the spec as written, so it is the same on any machine."""
     as_written = TrialConfig(
-        model=spec.model,
-        data=spec.data,
+        model=inputs.model,
+        data=inputs.data,
         adapter=adapter,
         trainer=TrainerConfig(**trainer),
         seed=seed,
-        deepspeed=spec.deepspeed,
+        deepspeed=inputs.deepspeed,
     ).with_id()
-    return as_written.model_copy(update=resolved or resolved_inputs(spec, spec_dir))
+    return as_written.model_copy(update=inputs.resolved)
 
 
 def _sample(value: Any, rng: random.Random) -> Any:
@@ -144,13 +154,13 @@ def expand(spec: SweepSpec, spec_dir: Path) -> Expansion:
     candidates (every adapter configuration, each checked by the plan) and no trials.
     """
     cands, rejected = candidates(spec)
-    result = Expansion(rejected=rejected, candidates=cands)
+    inputs = trial_inputs(spec, spec_dir)
+    result = Expansion(rejected=rejected, candidates=cands, inputs=inputs)
     seen: set[str] = set()
-    resolved = resolved_inputs(spec, spec_dir)
 
     def add(adapter: dict, trainer: dict, seed: int) -> None:
         try:
-            trial = build_trial(spec, spec_dir, adapter, trainer, seed, resolved)
+            trial = build_trial(inputs, adapter, trainer, seed)
         except ValidationError as err:
             lines = [f"search.trainer.{field_path(tuple(e['loc']))}: {_clean(e['msg'])}" for e in err.errors()]
             result.rejected.append(Rejected(f"trainer {trainer}", lines))

@@ -17,11 +17,19 @@ run instead.
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import threading
 import time
 from typing import Any
+
+import ray
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from sweep.launch.worker import run_worker
+from sweep.util.net import free_port
 
 log = logging.getLogger(__name__)
 
@@ -38,16 +46,14 @@ class GangWorker:
         self.lock = threading.Lock()
 
     def address(self) -> tuple[str, int]:
-        import ray
-
-        from sweep.launch import free_port
-
         return ray.util.get_node_ip_address(), free_port("")
 
     def connect(self, master: tuple[str, int], backend: str) -> str:
         """Join the gang's process group and import what every trial needs; returns the node id."""
-        import ray
+        # Worker-side imports: the trial actor that builds the gang never loads torch.
         import torch.distributed as dist
+
+        from trials.dist import import_deepspeed
 
         os.environ.update({"RANK": str(self.rank), "WORLD_SIZE": str(self.world), "LOCAL_RANK": "0",
                            "MASTER_ADDR": master[0], "MASTER_PORT": str(master[1])})
@@ -57,18 +63,12 @@ class GangWorker:
             torch.cuda.set_device(0)  # Ray makes the worker's own GPU the only visible one
         dist.init_process_group(backend, init_method=f"tcp://{master[0]}:{master[1]}", rank=self.rank,
                                 world_size=self.world)
-        import importlib
-
-        from trials.dist import import_deepspeed
-
-        for module in ("trials.train", "sweep.tracking", "mlflow.entities"):  # torch, transformers, PEFT, MLflow
+        for module in ("trials.train", "sweep.tracking.reporter"):  # torch, transformers, PEFT, MLflow
             importlib.import_module(module)
         import_deepspeed()
         return ray.get_runtime_context().get_node_id()
 
     def run(self, config: dict[str, Any]) -> None:
-        from sweep.launch import run_worker
-
         run_worker(config, self.rank, self._report)
 
     def _report(self, metrics: dict[str, Any]) -> None:
@@ -84,10 +84,6 @@ class GangWorker:
 
 class Gang:
     def __init__(self, workers: int, per_worker: dict[str, float], env: dict[str, str]):
-        import ray
-        from ray.util.placement_group import placement_group
-        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-
         self.size = workers
         self.pg = placement_group([dict(per_worker)] * workers, strategy="PACK")
         ray.get(self.pg.ready())  # waits, never fails, while the cluster is busy
@@ -107,8 +103,6 @@ class Gang:
     def run(self, config: dict[str, Any], report) -> None:
         """Run one trial on every rank; forwards rank 0's reports as they come. Raises the
         first rank's failure (after which the gang must not be reused)."""
-        import ray
-
         pending = [w.run.remote(config) for w in self.workers]
         failure: BaseException | None = None
         failed_at = 0.0
@@ -128,9 +122,6 @@ class Gang:
             raise failure
 
     def shutdown(self) -> None:
-        import ray
-        from ray.util.placement_group import remove_placement_group
-
         for w in self.workers:
             ray.kill(w)
         remove_placement_group(self.pg)

@@ -5,27 +5,27 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from sweep import state as sweep_state
-from sweep import tracking
+from ray.tune import ExperimentAnalysis
+
+from sweep.errors import SpecError
+from sweep.launch import state as sweep_state
+from sweep.spec import load_spec
+from sweep.tracking import layout
 
 
 def _tune_trials(storage: str) -> list[dict[str, Any]]:
     """Trials as Tune last recorded them (no Ray runtime needed)."""
-    import os
-
-    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
     for name in ("ray", "ray.tune"):
         logging.getLogger(name).setLevel(logging.ERROR)
-    from ray.tune import ExperimentAnalysis
-
     analysis = ExperimentAnalysis(storage)
     out = []
     for trial in analysis.trials:
-        cfg = trial.config.get("trial") if isinstance(trial.config, dict) else None
+        config = trial.config if isinstance(trial.config, dict) else {}
         last = trial.last_result or {}
         out.append({
             "tune_trial_id": trial.trial_id,
-            "trial_id": (cfg or {}).get("trial_id") or str(trial),
+            # grid/random configs carry the planned trial id; Optuna's trials are named by it
+            "trial_id": config.get("trial_id") or str(trial),
             "tune": trial.status,
             "step": last.get("step"),
             "result": last,
@@ -38,11 +38,9 @@ def sweep_status(name_or_path: str) -> dict[str, Any]:
     st = sweep_state.load(storage)
     report: dict[str, Any] = {"sweep": st.to_json(), "trials": [], "metric": "eval_loss"}
     try:
-        from sweep.spec import load_spec
-
         spec, _ = load_spec(st.spec_path)
         report["metric"] = spec.metric.name
-    except Exception:
+    except SpecError:  # the spec moved or changed since: the trials still show
         pass
     metric = report["metric"]
     rows: dict[str, dict[str, Any]] = {}
@@ -55,15 +53,15 @@ def sweep_status(name_or_path: str) -> dict[str, Any]:
     except Exception as err:  # no experiment state yet, or an unreadable one
         report["warning"] = f"no Ray Tune experiment state readable in {storage} ({str(err).splitlines()[0][:160]})"
     try:
-        client = tracking.client(st.tracking_uri)
+        client = layout.client(st.tracking_uri)
         report["parent_status"] = client.get_run(st.parent_run_id).info.status
-        for run in tracking.children(client, st.experiment_id, st.parent_run_id):
-            trial_id = run.data.tags.get("trial_id", run.info.run_id)
+        for run in layout.children(client, st.experiment_id, st.parent_run_id):
+            trial_id = run.data.tags.get(layout.TRIAL_ID_TAG, run.info.run_id)
             row = rows.setdefault(trial_id, {"trial_id": trial_id})
-            row.update(mlflow=run.info.status, run_id=run.info.run_id, variant=run.data.tags.get("adapter.variant"))
-            if run.data.tags.get("error"):
-                row["error"] = run.data.tags["error"]
-            if run.data.tags.get(tracking.EARLY_STOP_TAG):
+            row.update(mlflow=run.info.status, run_id=run.info.run_id, variant=run.data.tags.get(layout.VARIANT_TAG))
+            if run.data.tags.get(layout.ERROR_TAG):
+                row["error"] = run.data.tags[layout.ERROR_TAG]
+            if run.data.tags.get(layout.EARLY_STOP_TAG):
                 row["mlflow"] = f"{run.info.status} (stopped early)"
             if metric in run.data.metrics:
                 row["metric"] = run.data.metrics[metric]

@@ -19,6 +19,9 @@ from rich.live import Live
 from rich.markup import escape
 from rich.table import Table
 
+from sweep.errors import FAILURE_PREFIXES
+from sweep.tracking.reader import rank_key
+
 _SINKS: list[Any] = []
 
 
@@ -62,6 +65,7 @@ class TrialView:
     state: str = "PENDING"
     step: int = 0
     metric: float | None = None
+    trainable: float | None = None
     started: float | None = None
     ended: float | None = None
     error: str | None = None
@@ -95,7 +99,7 @@ def trial_error_line(trial: Any) -> str:
         return "failed"
     lines = [ln.strip() for ln in str(text).strip().splitlines() if ln.strip()]
     for line in reversed(lines):
-        if line.startswith(("TrialFailed:", "sweep.launch.TrialFailed:")):
+        if line.startswith(FAILURE_PREFIXES):
             return line.split(":", 1)[1].strip()
     return lines[-1] if lines else "failed"
 
@@ -164,6 +168,8 @@ class Progress:
             value = result.get(self.metric)
             if isinstance(value, (int, float)):
                 v.metric = float(value)
+            if isinstance(result.get("trainable_params"), (int, float)):
+                v.trainable = float(result["trainable_params"])
             if result.get("reused"):
                 v.note = "reused"
             self._line(f"report   {v.name} step {v.step}/{v.max_steps} {self.metric}={_fmt(v.metric)}")
@@ -211,11 +217,11 @@ class Progress:
         return table
 
     def _best(self) -> str | None:
-        scored = [(k, v.metric) for k, v in self.views.items() if v.metric is not None and math.isfinite(v.metric)]
+        """The best trial so far, by the rule the table and export use (on reported values)."""
+        scored = [(k, v) for k, v in self.views.items() if v.metric is not None and math.isfinite(v.metric)]
         if not scored:
             return None
-        pick = min if self.goal == "minimize" else max
-        return pick(scored, key=lambda kv: kv[1])[0]
+        return min(scored, key=lambda kv: rank_key(self.goal, kv[1].metric, kv[1].trainable, kv[1].name))[0]
 
 
 def _fmt(value: float | None) -> str:

@@ -14,16 +14,17 @@ from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sweep.lookup import TrialRun, unflatten
-from sweep.table import Table
+from sweep.results.table import Table
+from sweep.tracking.layout import METRICS_FILE
+from sweep.tracking.reader import TrialRun, read_json, unflatten
 from trials.adapters import FAMILIES
+from trials.artifacts import PACKAGES
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
 
 # History metrics per eval step, under PEFT-style names.
 STEP_METRICS = {"eval_loss": "valid loss", "eval_token_accuracy": "valid accuracy", "train_loss": "train loss", "tokens_per_s": "tokens / sec"}
-PACKAGES = ("transformers", "peft", "datasets", "torch", "deepspeed", "ray", "mlflow", "bitsandbytes")
 
 
 def _iso(ms: int | None) -> str | None:
@@ -74,15 +75,8 @@ def system_info(setup: dict[str, Any]) -> dict[str, str | None]:
 
 def trial_record(client: MlflowClient, trial: TrialRun) -> dict[str, Any]:
     """The trial's own metrics.json artifact (versions, setup), or {} when it has none."""
-    import tempfile
-
-    try:
-        with tempfile.TemporaryDirectory() as tmp:
-            local = client.download_artifacts(trial.run_id, "metrics.json", tmp)
-            data = json.loads(Path(local).read_text())
-            return data if isinstance(data, dict) else {}
-    except Exception:
-        return {}
+    data = read_json(client, trial.run_id, METRICS_FILE)
+    return data if isinstance(data, dict) else {}
 
 
 def peft_config(train_config: dict[str, Any]) -> dict[str, Any] | None:

@@ -14,8 +14,18 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BeforeValidator, Discriminator, Field, Tag, create_model, model_validator
+from pydantic import (
+    BeforeValidator,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationError,
+    create_model,
+    model_validator,
+)
 
+from sweep.errors import SpecError
+from sweep.spec.messages import validation_lines
 from trials.adapters import FAMILIES
 from trials.config import DataConfig, DeepSpeedConfig, ModelConfig, TrainerConfig
 from trials.strict import Strict
@@ -191,20 +201,8 @@ class SweepSpec(Strict):
     failure: FailureSpec = FailureSpec()
 
 
-class SpecError(Exception):
-    """A user mistake in the spec: each line names the field and the fix."""
-
-    def __init__(self, lines: list[str]):
-        super().__init__("\n".join(lines))
-        self.lines = lines
-
-
 def load_spec(path: str | Path) -> tuple[SweepSpec, Path]:
     """Parse and validate a spec file; returns the spec and the folder relative paths resolve against."""
-    from pydantic import ValidationError
-
-    from sweep.errors import validation_lines
-
     path = Path(path)
     if not path.is_file():
         raise SpecError([f"spec: file not found: {path}"])

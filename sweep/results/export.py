@@ -4,16 +4,26 @@ one-trial sweep spec that `sweep run` can re-run."""
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import yaml
+from pydantic import ValidationError
 
-from sweep.lookup import Sweep, SweepLookupError, TrialRun, load_sweep, load_trials, require_trials, unflatten
-from sweep.table import best_trial
+from sweep.errors import SweepLookupError
+from sweep.tracking.layout import ADAPTER_DIR, METRICS_FILE, TRIAL_FILE
+from sweep.tracking.reader import (
+    Sweep,
+    TrialRun,
+    best_trial,
+    download,
+    load_sweep,
+    load_trials,
+    read_json,
+    require_trials,
+    unflatten,
+)
 from trials.adapters import FAMILIES
 from trials.config import TrialConfig
 
@@ -32,17 +42,19 @@ class Exported:
 
 def trial_config(client: MlflowClient, trial: TrialRun) -> TrialConfig:
     """The trial's TrialConfig from its `trial.json` artifact (else rebuilt from its params)."""
+    recorded = read_json(client, trial.run_id, TRIAL_FILE)
     try:
-        with tempfile.TemporaryDirectory() as tmp:
-            local = client.download_artifacts(trial.run_id, "trial.json", tmp)
-            return TrialConfig.model_validate_json(Path(local).read_text())
-    except Exception:  # older or partial runs: the flattened params hold the same fields
-        try:
-            return TrialConfig.model_validate(unflatten({k: v for k, v in trial.params.items()}))
-        except Exception as err:
-            raise SweepLookupError(
-                [f"run {trial.run_id} ({trial.trial_id}) has no trial.json artifact and its params do not form a TrialConfig: {err}"]
-            ) from None
+        if recorded is not None:
+            return TrialConfig.model_validate(recorded)
+    except ValidationError:
+        pass
+    try:  # older or partial runs: the flattened params hold the same fields
+        return TrialConfig.model_validate(unflatten(dict(trial.params)))
+    except ValidationError as err:
+        raise SweepLookupError(
+            [f"run {trial.run_id} ({trial.trial_id}) has no readable {TRIAL_FILE} artifact and its params do not "
+             f"form a TrialConfig: {err.errors()[0]['msg']}"]
+        ) from None
 
 
 def ludwig_config(config: TrialConfig) -> dict[str, Any]:
@@ -103,27 +115,13 @@ def _yaml(data: dict[str, Any], header: str = "") -> str:
     return (header + body) if header else body
 
 
-def _download_dir(client: MlflowClient, run_id: str, path: str, dest: Path) -> bool:
-    with tempfile.TemporaryDirectory() as tmp:
-        try:
-            local = Path(client.download_artifacts(run_id, path, tmp))
-        except Exception:
-            return False
-        if not local.exists() or (local.is_dir() and not any(local.iterdir())):
-            return False
-        if dest.exists():
-            shutil.rmtree(dest) if dest.is_dir() else dest.unlink()
-        shutil.copytree(local, dest) if local.is_dir() else shutil.copy2(local, dest)
-    return True
-
-
 def export_trial(client: MlflowClient, sweep: Sweep, trial: TrialRun, out_dir: str | Path, *, spec_name: str, among: int) -> Exported:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     config = trial_config(client, trial)
     value = trial.metrics[sweep.metric]
-    if not _download_dir(client, trial.run_id, "adapter", out / "adapter"):
-        raise SweepLookupError([f"run {trial.run_id} ({trial.trial_id}) has no `adapter/` artifact to export"])
+    if not download(client, trial.run_id, ADAPTER_DIR, out / ADAPTER_DIR):
+        raise SweepLookupError([f"run {trial.run_id} ({trial.trial_id}) has no `{ADAPTER_DIR}/` artifact to export"])
     header = (
         f"# peft-sweep {sweep.name}: best of {among} finished trials by {sweep.metric} ({sweep.goal}) = {value:.6g}\n"
         f"# trial {trial.trial_id}, MLflow run {trial.run_id} at {sweep.tracking_uri}\n"
@@ -134,8 +132,8 @@ def export_trial(client: MlflowClient, sweep: Sweep, trial: TrialRun, out_dir: s
     spec_header = f"# One-trial sweep reproducing {trial.trial_id} of sweep {sweep.name}: `sweep run spec.yaml`.\n"
     (out / "spec.yaml").write_text(_yaml(one_trial_spec(config, sweep, spec_name), spec_header))
     files = [out / "best.yaml", out / "adapter", out / "trial.json", out / "spec.yaml"]
-    if _download_dir(client, trial.run_id, "metrics.json", out / "metrics.json"):
-        files.append(out / "metrics.json")
+    if download(client, trial.run_id, METRICS_FILE, out / METRICS_FILE):
+        files.append(out / METRICS_FILE)
     return Exported(out, trial, config, value, files)
 
 

@@ -1,40 +1,45 @@
-"""Find a sweep in MLflow and read its trial runs back.
+"""Reading a sweep back from MLflow: find its parent run, its trial runs, their artifacts,
+and the one rule for the best trial.
 
-The layout read here is the one `sweep run` writes: one parent run per sweep (tags
-`peft_sweep.role=sweep`, `sweep=<name>`, artifact `spec.yaml`) and one nested child run
-per trial (tags `mlflow.parentRunId`, `adapter.type`, `adapter.variant`, `trial_id`;
-params = the TrialConfig flattened with dots; metrics named as in `trials.metrics`).
+The layout read here is the one `sweep.tracking.runs` writes (see `sweep.tracking.layout`).
 """
 
 from __future__ import annotations
 
 import ast
 import json
-import os
+import math
+import shutil
 import tempfile
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any
 
+import yaml
+from mlflow.exceptions import MlflowException
+
+from sweep.errors import SpecError, SweepLookupError
+from sweep.spec import load_spec
+from sweep.tracking.layout import (
+    ADAPTER_TYPE_TAG,
+    ROLE_TAG,
+    SPEC_FILE,
+    SWEEP_TAG,
+    TRIAL_ID_TAG,
+    VARIANT_TAG,
+    check_store,
+    children,
+    client,
+    tracking_uri,
+)
 from trials.metrics import METRICS
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
     from mlflow.entities import Run
 
-ROLE_TAG = "peft_sweep.role"
-SWEEP_TAG = "sweep"
-PARENT_TAG = "mlflow.parentRunId"
 PAGE_SIZE = 1000
-DEFAULT_URI = "sqlite:///mlflow.db"
-
-
-class SweepLookupError(Exception):
-    """The sweep, its store or its runs cannot be found: one line per problem, with the fix."""
-
-    def __init__(self, lines: list[str]):
-        super().__init__("\n".join(lines))
-        self.lines = lines
 
 
 @dataclass(frozen=True)
@@ -101,62 +106,13 @@ def unflatten(params: dict[str, str]) -> dict[str, Any]:
     return out
 
 
-# --- tracking URI ---------------------------------------------------------------------
-
-
-def absolute_uri(uri: str, base: Path) -> str:
-    """Make a relative sqlite or file-store path absolute against `base`, by the same rule
-    `sweep run` applies, so both find the same store."""
-    from sweep.tracking import absolute_uri as run_rule
-
-    return run_rule(uri, base)
-
-
-def pick_tracking_uri(cli_uri: str | None, spec_uri: str | None = None, spec_dir: Path | None = None) -> str:
-    """--tracking-uri, then MLFLOW_TRACKING_URI, then the spec's tracking.uri, then the spec default."""
-    if cli_uri:
-        return absolute_uri(cli_uri, Path.cwd())
-    env = os.environ.get("MLFLOW_TRACKING_URI")
-    if env:
-        return absolute_uri(env, Path.cwd())
-    if spec_uri:
-        return absolute_uri(spec_uri, spec_dir or Path.cwd())
-    return absolute_uri(DEFAULT_URI, Path.cwd())
-
-
-def check_store(uri: str) -> None:
-    """Fail fast and clearly where MLflow would create an empty store or retry for minutes."""
-    if uri.startswith(("sqlite:///", "file://")):
-        path = Path(uri[len("sqlite:///"):] if uri.startswith("sqlite") else uri[len("file://"):])
-        if not path.exists():
-            raise SweepLookupError(
-                [f"no MLflow store at {path} (from tracking URI {uri}); "
-                 "pass the sweep's spec path (its tracking.uri is used), --tracking-uri, or set MLFLOW_TRACKING_URI"]
-            )
-    elif uri.startswith(("http://", "https://")):
-        import urllib.error
-        import urllib.request
-
-        try:
-            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=10) as resp:
-                resp.read()
-        except (urllib.error.URLError, OSError) as err:
-            raise SweepLookupError([f"cannot reach the MLflow server at {uri}: {getattr(err, 'reason', err)}"]) from None
-
-
-def make_client(uri: str) -> MlflowClient:
-    from mlflow import MlflowClient
-
-    return MlflowClient(tracking_uri=uri)
-
-
 # --- finding the sweep ----------------------------------------------------------------
 
 
 def _latest_parent(client: MlflowClient, experiment_ids: list[str], name: str | None) -> Run | None:
     query = f"tags.`{ROLE_TAG}` = 'sweep'"
     if name is not None:
-        query += f" and tags.{SWEEP_TAG} = '{name}'"
+        query += f" and tags.`{SWEEP_TAG}` = '{name}'"
     runs = client.search_runs(experiment_ids, query, max_results=1, order_by=["attributes.start_time DESC"])
     return runs[0] if runs else None
 
@@ -172,8 +128,6 @@ def find_sweep(client: MlflowClient, tracking_uri: str, name: str | None = None,
     Looks in `experiment` when given, else in the experiment named like the sweep, else in
     every experiment of the store (a spec may set tracking.experiment to anything).
     """
-    from mlflow.exceptions import MlflowException
-
     if name is not None and "'" in name:  # it would break out of the search filter's quotes
         raise SweepLookupError([f"no sweep named {name!r} (sweep names are letters, digits, _ . -)"])
     try:
@@ -235,12 +189,10 @@ def load_sweep(client: MlflowClient, parent_run_id: str, tracking_uri: str | Non
 
 def _read_declaration(client: MlflowClient, sweep: Sweep, parent: Run) -> None:
     """The metric and goal: the parent's spec.yaml artifact, else its params or tags."""
-    import yaml
-
     spec: dict[str, Any] | None = None
     try:
         with tempfile.TemporaryDirectory() as tmp:
-            local = client.download_artifacts(sweep.parent_run_id, "spec.yaml", tmp)
+            local = client.download_artifacts(sweep.parent_run_id, SPEC_FILE, tmp)
             loaded = yaml.safe_load(Path(local).read_text())
             spec = loaded if isinstance(loaded, dict) else None
     except Exception:  # a parent logged without the artifact still has params/tags to fall back on
@@ -255,14 +207,12 @@ def _read_declaration(client: MlflowClient, sweep: Sweep, parent: Run) -> None:
     sweep.metric, sweep.goal = str(name), str(goal)
 
 
-def open_sweep(target: str | None, tracking_uri: str | None = None, experiment: str | None = None) -> tuple[MlflowClient, Sweep]:
+def open_sweep(target: str | None, cli_uri: str | None = None, experiment: str | None = None) -> tuple[MlflowClient, Sweep]:
     """Resolve NAME (a sweep name or a spec path) and the tracking URI, then find the sweep."""
     name: str | None = target
     spec_uri: str | None = None
     spec_dir: Path | None = None
     if target is not None and (target.endswith((".yaml", ".yml")) or Path(target).is_file()):
-        from sweep.spec import SpecError, load_spec
-
         try:
             spec, spec_dir = load_spec(target)
         except SpecError as err:
@@ -270,42 +220,25 @@ def open_sweep(target: str | None, tracking_uri: str | None = None, experiment: 
         name = spec.name
         spec_uri = spec.tracking.uri
         experiment = experiment or spec.tracking.experiment or spec.name
-    uri = pick_tracking_uri(tracking_uri, spec_uri, spec_dir)
+    uri = tracking_uri(cli_uri, spec_uri, spec_dir)
     check_store(uri)
-    client = make_client(uri)
-    return client, find_sweep(client, uri, name, experiment)
+    c = client(uri)
+    return c, find_sweep(c, uri, name, experiment)
 
 
 # --- reading the trials ---------------------------------------------------------------
 
 
-def iter_child_runs(client: MlflowClient, sweep: Sweep) -> Iterator[Run]:
-    """Every child run of the sweep, a page of up to 1000 at a time (one request per page)."""
-    token = None
-    while True:
-        page = client.search_runs(
-            [sweep.experiment_id],
-            f"tags.{PARENT_TAG} = '{sweep.parent_run_id}'",
-            max_results=PAGE_SIZE,
-            order_by=["attributes.start_time ASC"],
-            page_token=token,
-        )
-        yield from page
-        token = page.token
-        if not token:
-            return
-
-
 def trial_from_run(run: Run) -> TrialRun:
     tags = run.data.tags
     params = run.data.params
-    adapter_type = tags.get("adapter.type") or params.get("adapter.type") or "?"
+    adapter_type = tags.get(ADAPTER_TYPE_TAG) or params.get("adapter.type") or "?"
     return TrialRun(
         run_id=run.info.run_id,
         status=run.info.status,
-        trial_id=tags.get("trial_id") or params.get("trial_id") or run.info.run_name or run.info.run_id,
+        trial_id=tags.get(TRIAL_ID_TAG) or params.get("trial_id") or run.info.run_name or run.info.run_id,
         adapter_type=adapter_type,
-        variant=tags.get("adapter.variant") or adapter_type,
+        variant=tags.get(VARIANT_TAG) or adapter_type,
         params=dict(params),
         metrics=dict(run.data.metrics),
         tags=dict(tags),
@@ -316,13 +249,9 @@ def trial_from_run(run: Run) -> TrialRun:
 
 def load_trials(client: MlflowClient, sweep: Sweep) -> list[TrialRun]:
     try:
-        return [trial_from_run(r) for r in iter_child_runs(client, sweep)]
-    except Exception as err:
-        from mlflow.exceptions import MlflowException
-
-        if isinstance(err, MlflowException):
-            raise SweepLookupError([f"MLflow at {sweep.tracking_uri}: {err.message}"]) from None
-        raise
+        return [trial_from_run(r) for r in children(client, sweep.experiment_id, sweep.parent_run_id)]
+    except MlflowException as err:
+        raise SweepLookupError([f"MLflow at {sweep.tracking_uri}: {err.message}"]) from None
 
 
 def require_trials(trials: list[TrialRun], sweep: Sweep, *, finished: bool = False) -> None:
@@ -336,3 +265,58 @@ def require_trials(trials: list[TrialRun], sweep: Sweep, *, finished: bool = Fal
             counts[t.status] = counts.get(t.status, 0) + 1
         summary = ", ".join(f"{n} {s.lower()}" for s, n in sorted(counts.items()))
         raise SweepLookupError([f"sweep {sweep.name!r} has no finished trial ({summary}); nothing to export"])
+
+
+# --- the best trial ---------------------------------------------------------------------
+
+
+def metric_value(trial: TrialRun, metric: str) -> float | None:
+    v = trial.metrics.get(metric)
+    return None if v is None or math.isnan(v) else v
+
+
+def rank_key(goal: str, value: float, trainable_params: float | None, trial_id: str) -> tuple:
+    """The order of results, best first: the metric in the goal's direction; ties go to fewer
+    trainable parameters, then to the smaller trial id, so every reader picks the same one."""
+    sign = 1.0 if goal == "minimize" else -1.0
+    return (sign * value, math.inf if trainable_params is None else trainable_params, trial_id)
+
+
+def best_trial(trials: Iterable[TrialRun], metric: str, goal: str) -> TrialRun | None:
+    """The best finished trial by the metric (see `rank_key`): the one the table marks, export
+    writes and the sweep's parent run records as `best_trial_id`."""
+    scored = [(t, v) for t in trials if t.finished and (v := metric_value(t, metric)) is not None]
+    if not scored:
+        return None
+    return min(scored, key=lambda tv: rank_key(goal, tv[1], tv[0].metrics.get("trainable_params"), tv[0].trial_id))[0]
+
+
+# --- artifacts --------------------------------------------------------------------------
+
+
+def download(c: MlflowClient, run_id: str, path: str, dest: Path) -> bool:
+    """Copy a run's artifact (file or folder) to `dest`; False when it has none (or an empty one)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            local = Path(c.download_artifacts(run_id, path, tmp))
+        except Exception:  # MLflow raises several types for "no such artifact"
+            return False
+        if not local.exists() or (local.is_dir() and not any(local.iterdir())):
+            return False
+        if dest.exists():
+            shutil.rmtree(dest) if dest.is_dir() else dest.unlink()
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copytree(local, dest) if local.is_dir() else shutil.copy2(local, dest)
+    return True
+
+
+def read_json(c: MlflowClient, run_id: str, name: str) -> Any | None:
+    """A run's JSON artifact, parsed; None when it is missing or unreadable."""
+    with tempfile.TemporaryDirectory() as tmp:
+        target = Path(tmp) / "artifact.json"
+        if not download(c, run_id, name, target):
+            return None
+        try:
+            return json.loads(target.read_text())
+        except (OSError, json.JSONDecodeError):
+            return None

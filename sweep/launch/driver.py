@@ -1,0 +1,203 @@
+"""The driver: `sweep run` and `sweep resume` start (or restore) the Tune experiment of a
+planned sweep, watch it, and close its parent run with the outcome."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import ray
+from ray import tune
+
+from sweep.errors import LaunchError, SpecError, StateError
+from sweep.launch import state as sweep_state
+from sweep.launch.context import DRIVER_RESOURCE, LaunchContext
+from sweep.launch.early_stop import board_name, start_board, stop_board
+from sweep.launch.progress import Progress, attach, detach
+from sweep.launch.reconcile import Reconciler, close_orphans
+from sweep.launch.runtime import init_ray, quiet_ray_logs, worker_env
+from sweep.launch.search import optuna_space, tune_configs, tune_run_config
+from sweep.launch.trial_fn import make_trainable
+from sweep.spec import Plan, load_spec, make_plan
+from sweep.tracking import layout, runs
+from sweep.tracking.reader import best_trial, trial_from_run
+from sweep.util.storage import is_uri, join, read_bytes
+
+
+@dataclass
+class Outcome:
+    counts: dict[str, int]
+    best: dict[str, Any] | None
+    interrupted: bool = False
+
+    @property
+    def exit_code(self) -> int:
+        if self.interrupted:
+            return 130
+        return 1 if self.counts.get("ERROR", 0) else 0
+
+
+def build_context(spec, plan, *, tracking_uri: str, experiment_id: str, parent_run_id: str,
+                  storage: str) -> LaunchContext:
+    ctx = LaunchContext(
+        sweep=spec.name,
+        tracking_uri=tracking_uri,
+        experiment_id=experiment_id,
+        parent_run_id=parent_run_id,
+        strategy=spec.search.strategy,
+        workers=spec.resources.workers_per_trial,
+        cpus_per_worker=spec.resources.cpus_per_worker,
+        gpus_per_worker=spec.resources.gpus_per_worker,
+        train_storage=join(storage, "_train"),
+        inputs=plan.expansion.inputs,
+        trials={t.trial.trial_id: t.trial for t in plan.trials},
+        worker_env=worker_env(spec),
+        reuse_workers=spec.resources.reuse_workers,
+    )
+    if ray.is_initialized() and ray.cluster_resources().get(DRIVER_RESOURCE):
+        ctx.trial_fn_resources[DRIVER_RESOURCE] = 0.001
+    if spec.scheduler.type == "asha":
+        ctx.decision_board = board_name(spec.name)
+    if spec.search.strategy == "optuna":
+        _, ctx.candidates, ctx.trainer_keys = optuna_space(spec, plan)
+    return ctx
+
+
+def _fit(tuner, ctx: LaunchContext, spec, describe_total: int | None, *, quiet: bool, console) -> Outcome:
+    progress = Progress(spec.name, spec.metric.name, spec.metric.goal, ctx.describe, quiet=quiet, console=console,
+                        expected=describe_total)
+    reconciler = Reconciler(ctx)
+    attach(reconciler)
+    interrupted = False
+    results = None
+    try:
+        with progress:
+            try:
+                results = tuner.fit()
+            except KeyboardInterrupt:
+                interrupted = True
+    finally:
+        detach(reconciler)
+    counts: dict[str, int] = {}
+    if results is not None:
+        for r in results:
+            status = "ERROR" if r.error is not None else "TERMINATED"
+            counts[status] = counts.get(status, 0) + 1
+    if not interrupted:
+        close_orphans(ctx)
+    return Outcome(counts, _best(ctx, spec), interrupted)
+
+
+def _best(ctx: LaunchContext, spec) -> dict[str, Any] | None:
+    """The best finished trial, read back from the MLflow runs by the rule the table and
+    export use (sweep.tracking.reader.best_trial), so all three name the same trial."""
+    client = layout.client(ctx.tracking_uri)
+    trials = [trial_from_run(r) for r in layout.children(client, ctx.experiment_id, ctx.parent_run_id)]
+    top = best_trial(trials, spec.metric.name, spec.metric.goal)
+    if top is None:
+        return None
+    return {"trial_id": top.trial_id, "value": top.metrics[spec.metric.name], "metric": spec.metric.name}
+
+
+def spec_sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def run_sweep(spec, spec_path: Path, spec_dir: Path, plan: Plan, *, address: str | None, storage_root: str | None,
+              cli_uri: str | None, quiet: bool, verbose: bool, console) -> Outcome:
+    root = storage_root or str(spec_dir / "runs")
+    if not is_uri(root):
+        root = str(Path(root).expanduser().resolve())
+    storage = join(root, spec.name)
+    if read_bytes(join(storage, sweep_state.STATE_FILE)) is not None:
+        raise StateError(
+            f"{storage} already holds sweep {spec.name!r}: continue it with `sweep resume {storage}`, "
+            "or pass another --storage (or rename the sweep)"
+        )
+    uri = layout.tracking_uri(cli_uri, spec.tracking.uri, spec_dir)
+    layout.check_server(uri)
+    dashboard = init_ray(address, worker_env(spec), verbose=verbose)
+    client = layout.client(uri)
+    experiment_id = runs.ensure_experiment(client, spec.tracking.experiment or spec.name, uri)
+    parent_run_id = runs.start_sweep_run(client, experiment_id, spec, spec_path, plan.to_json(), storage)
+    st = sweep_state.SweepState(
+        name=spec.name, spec_path=str(spec_path.resolve()), spec_sha256=spec_sha256(spec_path), storage=storage,
+        tracking_uri=uri, experiment_id=experiment_id, parent_run_id=parent_run_id, strategy=spec.search.strategy,
+        address=address,
+    )
+    sweep_state.save(st)
+    ctx = build_context(spec, plan, tracking_uri=uri, experiment_id=experiment_id,
+                        parent_run_id=parent_run_id, storage=storage)
+    _announce(console, quiet, spec, st, dashboard, uri)
+    quiet_ray_logs(verbose)
+    tune_config, param_space = tune_configs(spec, plan, ctx)
+    tuner = tune.Tuner(make_trainable(ctx), param_space=param_space, tune_config=tune_config,
+                       run_config=tune_run_config(spec, storage))
+    total = spec.search.num_samples if spec.search.strategy == "optuna" else len(plan.trials)
+    return _finish(tuner, ctx, spec, st, client, total, quiet=quiet, console=console)
+
+
+def resume_sweep(name_or_path: str, *, address: str | None, quiet: bool, verbose: bool, retry_failed: bool,
+                 console) -> Outcome:
+    storage = sweep_state.locate(name_or_path)
+    st = sweep_state.load(storage)
+    spec_path = Path(st.spec_path)
+    spec, spec_dir = load_spec(spec_path)
+    if spec_sha256(spec_path) != st.spec_sha256:
+        raise SpecError([f"spec: {spec_path} changed since the sweep started; its trials would not match the "
+                         "recorded ones. Restore the file, or start a new sweep (another name or --storage)"])
+    plan = make_plan(spec, spec_dir)
+    if not tune.Tuner.can_restore(storage):
+        raise LaunchError(f"{storage}: Ray Tune has no experiment state there (the sweep died before its first "
+                          f"trial was scheduled); remove the folder and start it again with `sweep run`")
+    layout.check_server(st.tracking_uri)
+    dashboard = init_ray(address if address is not None else st.address, worker_env(spec), verbose=verbose)
+    client = layout.client(st.tracking_uri)
+    runs.reopen(client, st.parent_run_id)
+    ctx = build_context(spec, plan, tracking_uri=st.tracking_uri, experiment_id=st.experiment_id,
+                        parent_run_id=st.parent_run_id, storage=storage)
+    ctx.finished = runs.finished_trials(client, st.experiment_id, st.parent_run_id)
+    _announce(console, quiet, spec, st, dashboard, st.tracking_uri, resumed=True)
+    quiet_ray_logs(verbose)
+    # Finished trials are kept; interrupted ones re-run from scratch (trials keep no checkpoints);
+    # errored ones stay failed unless asked, since a deterministic failure would fail again.
+    tuner = tune.Tuner.restore(storage, trainable=make_trainable(ctx), resume_unfinished=True,
+                               resume_errored=False, restart_errored=retry_failed)
+    st.status = "running"
+    sweep_state.save(st)
+    total = spec.search.num_samples if spec.search.strategy == "optuna" else len(plan.trials)
+    return _finish(tuner, ctx, spec, st, client, total, quiet=quiet, console=console)
+
+
+def _finish(tuner, ctx, spec, st, client, total, *, quiet, console) -> Outcome:
+    started = time.time()
+    board = start_board(spec.name) if ctx.decision_board else None
+    try:
+        outcome = _fit(tuner, ctx, spec, total, quiet=quiet, console=console)
+    finally:
+        stop_board(board)
+    runs.finish_sweep_run(client, st.parent_run_id, outcome.counts, outcome.best, interrupted=outcome.interrupted)
+    st.status = "interrupted" if outcome.interrupted else ("failed" if outcome.counts.get("ERROR") else "finished")
+    sweep_state.save(st)
+    done = outcome.counts.get("TERMINATED", 0)
+    failed = outcome.counts.get("ERROR", 0)
+    line = f"sweep {spec.name}: {done} finished, {failed} failed in {time.time() - started:.1f}s"
+    if outcome.best:
+        line += f"; best {outcome.best['trial_id']} {outcome.best['metric']}={outcome.best['value']:.4g}"
+    console.print(line, highlight=False, soft_wrap=True)
+    if layout.is_server(st.tracking_uri):
+        console.print(f"runs: {st.tracking_uri.rstrip('/')}/#/experiments/{st.experiment_id}/runs/{st.parent_run_id}",
+                      highlight=False, soft_wrap=True)
+    return outcome
+
+
+def _announce(console, quiet: bool, spec, st, dashboard: str | None, uri: str, resumed: bool = False) -> None:
+    verb = "resuming" if resumed else "running"
+    console.print(f"{verb} sweep {spec.name}: storage {st.storage}", highlight=False, soft_wrap=True)
+    console.print(f"mlflow: {uri} (experiment {spec.tracking.experiment or spec.name}, parent run {st.parent_run_id})",
+                  highlight=False, soft_wrap=True)
+    if dashboard:
+        console.print(f"ray dashboard: {dashboard}", highlight=False, soft_wrap=True)
