@@ -115,7 +115,7 @@ def trial(config):
                  torch_config=TorchConfig(backend="gloo"),
                  run_config=ray.train.RunConfig(callbacks=[TuneReportCallback()])).fit()
 
-from sweep.launch import init_ray  # the embedded runtime exactly as `sweep run` starts it
+from sweep.launch.runtime import init_ray  # the embedded runtime exactly as `sweep run` starts it
 t0 = time.time()
 init_ray(None, {{}}, verbose=False)
 init_s = time.time() - t0

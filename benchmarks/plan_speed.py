@@ -51,9 +51,7 @@ def main() -> None:
     import peft  # noqa: F401
     import transformers  # noqa: F401
 
-    from sweep.expand import expand
-    from sweep.plan import make_plan
-    from sweep.spec import load_spec
+    from sweep.spec import expand, load_spec, make_plan
 
     imports_s = time.perf_counter() - t_import
 

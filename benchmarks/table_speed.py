@@ -30,7 +30,7 @@ def log_sweep(uri: str, runs: int) -> tuple[str, float]:
     from sqlalchemy import event
     from sqlalchemy.engine import Engine
 
-    from sweep.lookup import PARENT_TAG, ROLE_TAG, SWEEP_TAG
+    from sweep.tracking.layout import PARENT_TAG, ROLE_TAG, SWEEP_TAG
     from trials.adapters import FAMILIES
 
     def no_fsync(dbapi_conn, _record):  # set-up only: the timed reads are unaffected
@@ -71,8 +71,10 @@ def log_sweep(uri: str, runs: int) -> tuple[str, float]:
 
 
 def time_table(uri: str) -> tuple[float, int, int]:
-    from sweep.lookup import find_sweep, make_client
-    from sweep.table import build_table, to_markdown
+    from sweep.results.render import to_markdown
+    from sweep.results.table import build_table
+    from sweep.tracking.layout import client as make_client
+    from sweep.tracking.reader import find_sweep
 
     started = time.perf_counter()
     client = make_client(uri)

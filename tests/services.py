@@ -11,7 +11,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -27,33 +26,11 @@ from typing import Any
 
 import pytest
 
+from sweep.util.net import free_port, wait_healthy
+from sweep.util.procs import stop_group
 
 # No background job runner, no telemetry: the server is only a tracking store here.
 SERVER_ENV = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true"}
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _stop(proc: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 30) -> None:
-    """Stop a fixture's process group (it was started in its own session)."""
-    if proc.poll() is not None:
-        return
-    try:
-        os.killpg(proc.pid, sig)
-    except ProcessLookupError:
-        return
-    try:
-        proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        proc.wait(timeout=10)
 
 
 def _tail(path: Path, n: int = 40) -> str:
@@ -145,23 +122,12 @@ def mlflow_server(tmp_path_factory) -> MlflowServer:
         proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=root, env={**os.environ, **SERVER_ENV},
                                 start_new_session=True)
     uri = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
     try:
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"mlflow server exited with {proc.returncode}:\n{_tail(log)}")
-            try:
-                with urllib.request.urlopen(uri + "/health", timeout=2) as resp:
-                    if resp.status == 200:
-                        break
-            except (urllib.error.URLError, OSError):
-                pass
-            if time.time() > deadline:
-                raise RuntimeError(f"mlflow server not healthy after 120 s:\n{_tail(log)}")
-            time.sleep(0.5)
+        if not wait_healthy(uri + "/health", 120, alive=lambda: proc.poll() is None):
+            raise RuntimeError(f"mlflow server not healthy after 120 s (exit code {proc.poll()}):\n{_tail(log)}")
         yield MlflowServer(uri=uri, root=root, pid=proc.pid)
     finally:
-        _stop(proc)
+        stop_group(proc, timeout=30)
 
 
 @dataclass
@@ -221,7 +187,7 @@ def ray_nodes(root: Path, *, cpus: list[int], resources: list[dict[str, float]] 
 def _stop_nodes(procs: list[subprocess.Popen], temp_dirs: list[str]) -> None:
     # Ray's graceful shutdown of a whole group takes ~30 s; a test cluster needs none of it.
     for proc in reversed(procs):
-        _stop(proc, signal.SIGTERM, timeout=5)
+        stop_group(proc, signal.SIGTERM, timeout=5)
     for path in temp_dirs:
         shutil.rmtree(path, ignore_errors=True)
     procs.clear()
@@ -286,3 +252,26 @@ def ray_cluster(tmp_path_factory) -> RayCluster:
     placement-group cleaner polls the state API it serves."""
     with ray_nodes(tmp_path_factory.mktemp("ray-head"), cpus=[2]) as cluster:
         yield cluster
+
+
+@pytest.fixture(scope="module")
+def ray_driver(ray_cluster):
+    """This test process connected to the session's Ray head as a driver (for tests that use
+    gang and board actors directly); disconnected, and its environment restored, afterwards."""
+    import ray
+    from ray._private.authentication_test_utils import reset_auth_token_state
+
+    saved = {k: os.environ.get(k) for k in ray_cluster.client_env}
+    os.environ.update(ray_cluster.client_env)
+    reset_auth_token_state()  # Ray reads the auth mode and token once per process; read them again
+    ray.init(address=ray_cluster.address, logging_level="WARNING", log_to_driver=False)
+    try:
+        yield ray_cluster
+    finally:
+        ray.shutdown()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        reset_auth_token_state()

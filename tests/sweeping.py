@@ -6,11 +6,14 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import yaml
-
 from services import tags
 
 MAX_STEPS, EVAL_EVERY = 6, 3
@@ -45,9 +48,10 @@ THREE_TRIALS = [
 ]
 
 
-def sweep_cli(*args: str, cluster, timeout: float = 600, **popen: Any):
+def sweep_cli(*args: str, cluster, timeout: float = 600, extra_env: dict[str, str] | None = None, **popen: Any):
     env = {**os.environ, **cluster.client_env, "PYTHONUNBUFFERED": "1"}
     env.pop("MLFLOW_TRACKING_URI", None)
+    env.update(extra_env or {})
     cmd = [sys.executable, "-m", "sweep", *args]
     if popen.pop("background", False):
         return subprocess.Popen(cmd, env=env, stdout=popen.pop("stdout"), stderr=subprocess.STDOUT, **popen)
@@ -55,8 +59,7 @@ def sweep_cli(*args: str, cluster, timeout: float = 600, **popen: Any):
 
 
 def planned_ids(spec: Path) -> dict[str, dict[str, Any]]:
-    from sweep.plan import make_plan
-    from sweep.spec import load_spec
+    from sweep.spec import load_spec, make_plan
 
     s, d = load_spec(spec)
     return {t.trial.trial_id: t.trial.model_dump(mode="json") for t in make_plan(s, d).trials}
@@ -82,3 +85,29 @@ def by_status(children: list[dict[str, Any]]) -> dict[str, list[str]]:
 
 def show(result) -> str:
     return f"exit {result.returncode}\n--- stdout\n{result.stdout[-6000:]}\n--- stderr\n{result.stderr[-6000:]}"
+
+
+@contextmanager
+def serving_ui(*args: str, cwd: Path, env: dict[str, str], timeout: float = 180) -> Iterator[tuple[list[str], Any]]:
+    """`sweep ui ARGS` in the background until it says it is serving; yields (its output lines
+    so far, the process). Stopped on exit by SIGTERM to its PID (it stops its own mlflow ui)."""
+    proc = subprocess.Popen([sys.executable, "-m", "sweep", "ui", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, cwd=cwd, env=env)
+    lines: list[str] = []
+
+    def read() -> None:
+        for line in proc.stdout:
+            lines.append(line)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        deadline = time.monotonic() + timeout
+        while not any(line.startswith("serving ") for line in lines):
+            assert proc.poll() is None, "".join(lines)
+            assert time.monotonic() < deadline, "".join(lines)
+            time.sleep(0.2)
+        yield lines, proc
+    finally:
+        proc.terminate()
+        proc.wait(30)

@@ -147,6 +147,8 @@ class _Trial:
         model, splits, dtype, info = self._prepare()
         self.reporter.on_setup(info)
         engine = self._engine(model, dtype)
+        # What DeepSpeed actually built, read back from the engine (not the config we asked for).
+        info["engine"] = {"zero_stage": int(engine.zero_optimization_stage()), "dp_world_size": int(engine.dp_world_size)}
         try:
             result = self._train(engine, splits.train, splits.eval, info)
             self._probe(engine, splits.eval)

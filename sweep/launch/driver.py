@@ -23,7 +23,7 @@ from sweep.launch.search import optuna_space, tune_configs, tune_run_config
 from sweep.launch.trial_fn import make_trainable
 from sweep.spec import Plan, load_spec, make_plan
 from sweep.tracking import layout, runs
-from sweep.tracking.reader import best_trial, trial_from_run
+from sweep.tracking.reader import best_of_sweep
 from sweep.util.storage import is_uri, join, read_bytes
 
 
@@ -94,9 +94,8 @@ def _fit(tuner, ctx: LaunchContext, spec, describe_total: int | None, *, quiet: 
 def _best(ctx: LaunchContext, spec) -> dict[str, Any] | None:
     """The best finished trial, read back from the MLflow runs by the rule the table and
     export use (sweep.tracking.reader.best_trial), so all three name the same trial."""
-    client = layout.client(ctx.tracking_uri)
-    trials = [trial_from_run(r) for r in layout.children(client, ctx.experiment_id, ctx.parent_run_id)]
-    top = best_trial(trials, spec.metric.name, spec.metric.goal)
+    top = best_of_sweep(layout.client(ctx.tracking_uri), ctx.experiment_id, ctx.parent_run_id, spec.metric.name,
+                        spec.metric.goal)
     if top is None:
         return None
     return {"trial_id": top.trial_id, "value": top.metrics[spec.metric.name], "metric": spec.metric.name}

@@ -30,6 +30,7 @@ from sweep.launch.context import LaunchContext
 from sweep.launch.worker import train_loop
 from sweep.tracking import layout
 from trials.adapters import FAMILIES
+from trials.config import TrialConfig
 
 log = logging.getLogger(__name__)
 
@@ -52,23 +53,7 @@ def sweep_trial(config: dict[str, Any], ctx: LaunchContext) -> None:
     family = FAMILIES[cfg.adapter.type]
     tune_trial_id = tune.get_context().get_trial_id() or "local"
     attempt = uuid.uuid4().hex
-    loop_config = {
-        "trial": cfg,
-        "run": {
-            "tracking_uri": ctx.tracking_uri,
-            "experiment_id": ctx.experiment_id,
-            "parent_run_id": ctx.parent_run_id,
-            "sweep": ctx.sweep,
-            "variant": family.variant(cfg.adapter),
-            "tune_trial_id": tune_trial_id,
-            "attempt": attempt,
-            "decision_board": ctx.decision_board,
-            "trial_node_id": ray.get_runtime_context().get_node_id(),
-            "fn_started": fn_started,
-            "reuse_workers": ctx.reuse_workers,
-        },
-        "adapter_block": family.ludwig(cfg.adapter),
-    }
+    loop_config = worker_config(ctx, cfg, tune_trial_id=tune_trial_id, attempt=attempt, fn_started=fn_started)
     try:
         if ctx.reuse_workers:
             _run_on_gang(loop_config, ctx)
@@ -86,12 +71,35 @@ def sweep_trial(config: dict[str, Any], ctx: LaunchContext) -> None:
         raise TrialFailed(message) from None
 
 
-def _per_worker(ctx: LaunchContext) -> dict[str, float]:
+def worker_config(ctx: LaunchContext, cfg: TrialConfig, *, tune_trial_id: str, attempt: str,
+                  fn_started: float) -> dict[str, Any]:
+    """What every worker of one trial attempt is handed (`sweep.launch.worker.run_worker`)."""
+    family = FAMILIES[cfg.adapter.type]
+    return {
+        "trial": cfg,
+        "run": {
+            "tracking_uri": ctx.tracking_uri,
+            "experiment_id": ctx.experiment_id,
+            "parent_run_id": ctx.parent_run_id,
+            "sweep": ctx.sweep,
+            "variant": family.variant(cfg.adapter),
+            "tune_trial_id": tune_trial_id,
+            "attempt": attempt,
+            "decision_board": ctx.decision_board,
+            "trial_node_id": ray.get_runtime_context().get_node_id(),
+            "fn_started": fn_started,
+            "reuse_workers": ctx.reuse_workers,
+        },
+        "adapter_block": family.ludwig(cfg.adapter),
+    }
+
+
+def per_worker(ctx: LaunchContext) -> dict[str, float]:
     return {"CPU": ctx.cpus_per_worker, **({"GPU": ctx.gpus_per_worker} if ctx.gpus_per_worker > 0 else {})}
 
 
 def _run_on_gang(loop_config: dict[str, Any], ctx: LaunchContext) -> None:
-    workers = gang.acquire(ctx.workers, _per_worker(ctx), ctx.worker_env)
+    workers = gang.acquire(ctx.workers, per_worker(ctx), ctx.worker_env)
     try:
         workers.run(loop_config, tune.report)
     except BaseException:
@@ -110,7 +118,7 @@ def _run_on_train(loop_config: dict[str, Any], ctx: LaunchContext, name: str) ->
         train_loop,
         train_loop_config=loop_config,
         scaling_config=ray.train.ScalingConfig(num_workers=ctx.workers, use_gpu=gpu,
-                                               resources_per_worker=_per_worker(ctx)),
+                                               resources_per_worker=per_worker(ctx)),
         torch_config=TorchConfig(backend="nccl" if gpu else "gloo"),
         run_config=ray.train.RunConfig(
             name=name,

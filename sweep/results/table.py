@@ -108,6 +108,7 @@ class Table:
     parent_run_id: str = ""
     experiment: str = ""
     trials: list[TrialRun] = field(default_factory=list, repr=False)
+    best_trial_id: str | None = None  # the single best finished trial (the one export writes)
 
     def column(self, key: str) -> Column:
         return next(c for c in self.columns if c.key == key)
@@ -120,6 +121,7 @@ class Table:
             "metric": {"name": self.metric, "goal": self.goal},
             "by": list(self.by),
             "counts": self.counts,
+            "best_trial_id": self.best_trial_id,
             "columns": [asdict(c) for c in self.columns],
             "rows": [
                 {
@@ -256,7 +258,9 @@ def build_rows(
         "failed": sum(t.failed for t in trials),
         "other": sum(not t.finished and not t.failed for t in trials),
     }
-    return Table(sweep, metric, goal, tuple(by), columns, rows, varying, counts, trials=list(trials))
+    top = best_trial(trials, metric, goal)
+    return Table(sweep, metric, goal, tuple(by), columns, rows, varying, counts, trials=list(trials),
+                 best_trial_id=top.trial_id if top else None)
 
 
 def build_table(client: MlflowClient, parent_run_id: str | Sweep, by: Sequence[str] = ()) -> Table:

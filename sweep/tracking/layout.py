@@ -113,7 +113,7 @@ def check_server(uri: str) -> None:
         return
     problem = health_error(uri.rstrip("/") + "/health", HEALTH_TIMEOUT_S)
     if problem is not None:
-        raise LaunchError(f"cannot reach the MLflow tracking server at {uri}: {problem}")
+        raise LaunchError(f"cannot reach the MLflow server at {uri}: {problem}")
 
 
 def check_store(uri: str) -> None:

@@ -291,6 +291,12 @@ def best_trial(trials: Iterable[TrialRun], metric: str, goal: str) -> TrialRun |
     return min(scored, key=lambda tv: rank_key(goal, tv[1], tv[0].metrics.get("trainable_params"), tv[0].trial_id))[0]
 
 
+def best_of_sweep(c: MlflowClient, experiment_id: str, parent_run_id: str, metric: str, goal: str) -> TrialRun | None:
+    """The best finished trial of a sweep, read from its child runs (what the driver records
+    on the parent run when the sweep ends)."""
+    return best_trial((trial_from_run(r) for r in children(c, experiment_id, parent_run_id)), metric, goal)
+
+
 # --- artifacts --------------------------------------------------------------------------
 
 

@@ -69,7 +69,7 @@ def cli(*args: str, nproc: int = 1, timeout: int = 600) -> subprocess.CompletedP
                 if nproc > 1 else [sys.executable])
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     return subprocess.run([*launcher, "-m", "trials", *args], capture_output=True, text=True, timeout=timeout,
-                          env=env, cwd=Path(__file__).parent.parent)
+                          env=env, cwd=Path(__file__).resolve().parents[2])
 
 
 @pytest.fixture(scope="session")
@@ -154,8 +154,11 @@ def test_weight_rewriting_inits_keep_their_initial_adapter(variant_runs):
 
 @pytest.mark.slow
 def test_every_zero_stage_trained_on_two_workers(variant_runs):
-    stages = {json.loads((variant_runs / n / "metrics.json").read_text())["setup"]["zero_stage"] for n in VARIANTS}
-    assert stages == {0, 1, 2, 3}
+    """Read back from each trial's DeepSpeed engine: the stage it built and its data-parallel size."""
+    engines = {n: json.loads((variant_runs / n / "metrics.json").read_text())["setup"]["engine"] for n in VARIANTS}
+    assert {n: e["zero_stage"] for n, e in engines.items()} == {n: stage for n, (_, stage, _) in VARIANTS.items()}
+    assert {e["zero_stage"] for e in engines.values()} == {0, 1, 2, 3}
+    assert {n: e["dp_world_size"] for n, e in engines.items()} == {n: 2 for n in VARIANTS}
 
 
 @pytest.mark.slow

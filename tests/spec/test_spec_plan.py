@@ -13,9 +13,7 @@ import yaml
 from typer.testing import CliRunner
 
 from sweep.cli import app
-from sweep.expand import expand
-from sweep.plan import make_plan
-from sweep.spec import load_spec
+from sweep.spec import expand, load_spec, make_plan
 from trials.config import TrialConfig
 
 runner = CliRunner()

@@ -7,10 +7,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from sweep.plan import make_plan
-from sweep.spec import load_spec
+from sweep.spec import load_spec, make_plan
 
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 SPECS = sorted(EXAMPLES.glob("*.yaml"))
 
 

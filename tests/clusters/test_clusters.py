@@ -10,7 +10,7 @@ import pytest
 import ray
 import yaml
 
-CLUSTERS = Path(__file__).resolve().parent.parent / "clusters"
+CLUSTERS = Path(__file__).resolve().parents[2] / "clusters"
 LAUNCHER = sorted(CLUSTERS.glob("*.yaml"))
 KUBERAY = sorted((CLUSTERS / "kuberay").glob("*.yaml"))
 

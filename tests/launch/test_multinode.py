@@ -10,7 +10,6 @@ read back from the MLflow tags each trial records.
 from __future__ import annotations
 
 import pytest
-
 from services import ray_nodes, tags
 from sweeping import by_status, show, sweep_cli, sweep_runs, write_spec
 

@@ -15,9 +15,21 @@ import time
 
 import pytest
 import yaml
-
 from services import metrics, params, tags
-from sweeping import EVAL_EVERY, MAX_STEPS, THREE_TRIALS, by_status, planned_ids, show, sweep_cli, sweep_runs, write_spec
+from sweeping import (
+    EVAL_EVERY,
+    MAX_STEPS,
+    THREE_TRIALS,
+    by_status,
+    planned_ids,
+    serving_ui,
+    show,
+    sweep_cli,
+    sweep_runs,
+    write_spec,
+)
+
+from sweep.util.net import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -205,6 +217,10 @@ def test_table_and_export_from_the_real_sweep(finished_sweep, mlflow_server, ray
     assert best["model_type"] == "llm" and best["adapter"]["type"] in ("lora", "c3a")
     assert (out / "adapter" / "adapter_config.json").is_file()
     winner = min(logged.values(), key=lambda m: (m["eval_loss"], m["trainable_params"]))
+    # One "best": the parent run's tag, the table and the export name the same trial.
+    parent, _ = sweep_runs(mlflow_server, "e2e-ok")
+    exported = json.loads((out / "trial.json").read_text())["trial_id"]
+    assert tags(parent)["best_trial_id"] == table["best_trial_id"] == exported
 
     # The exported one-trial spec re-runs (into its own experiment) to the same metric.
     rerun = yaml.safe_load((out / "spec.yaml").read_text())
@@ -221,24 +237,27 @@ def test_table_and_export_from_the_real_sweep(finished_sweep, mlflow_server, ray
 
 def test_optuna_with_asha(tmp_path, tiny_model, mlflow_server, ray_cluster):
     """Optuna picks adapter configurations and learning rates; ASHA stops the weaker ones at
-    its first rung, and each stopped trial still ends as one closed MLflow run."""
+    its first rung, and each stopped trial still ends as one closed MLflow run. The sampler is
+    seeded by the sweep name and trials run one at a time, so the decisions are repeatable;
+    the learning rates span five decades, so some trial is clearly the weakest at the rung."""
     adapters = [{"type": "lora", "r": [4, 8], "target_modules": ["q_proj", "v_proj"]}, {"type": "ln_tuning"}]
     spec = write_spec(tmp_path, "e2e-optuna", tiny_model, mlflow_server.uri, adapters,
                       scheduler={"type": "asha", "grace_period": 1, "reduction_factor": 2})
     raw = yaml.safe_load(spec.read_text())
     raw["search"].update(strategy="optuna", num_samples=4)
-    raw["search"]["trainer"].update(learning_rate={"distribution": "loguniform", "low": 1e-4, "high": 1e-2})
+    raw["search"]["trainer"].update(learning_rate={"distribution": "loguniform", "low": 1e-7, "high": 1e-2})
     spec.write_text(yaml.safe_dump(raw))
     result = sweep_cli("run", str(spec), "--address", ray_cluster.address, "--quiet", cluster=ray_cluster)
     assert result.returncode == 0, show(result)
     _, children = sweep_runs(mlflow_server, "e2e-optuna")
     assert len(children) == 4 and set(by_status(children)) == {"FINISHED"}
     lrs = [float(params(r)["trainer.learning_rate"]) for r in children]
-    assert all(1e-4 <= lr <= 1e-2 for lr in lrs) and len(set(lrs)) == 4
+    assert all(1e-7 <= lr <= 1e-2 for lr in lrs) and len(set(lrs)) == 4
     assert {tags(r)["adapter.type"] for r in children} <= {"lora", "ln_tuning"}
     steps = {tags(r)["trial_id"]: max(m["step"] for m in mlflow_server.history(r["info"]["run_id"], "eval_loss"))
              for r in children}
     stopped = {tags(r)["trial_id"] for r in children if tags(r).get("peft_sweep.early_stopped") == "true"}
+    assert stopped, (steps, show(result))  # ASHA did stop something
     assert all(steps[t] < MAX_STEPS for t in stopped), steps
     assert all(steps[t] == MAX_STEPS for t in set(steps) - stopped), steps
 
@@ -266,3 +285,40 @@ def test_asha_stops_a_weak_trial_and_the_sweep_goes_on(tmp_path, tiny_model, mlf
     assert sorted(by_type["lora"]) == [(MAX_STEPS, None), (MAX_STEPS, None)], by_type
     finished = [r for r in children if tags(r)["adapter.type"] == "lora"]
     assert all("adapter" in {f["path"] for f in mlflow_server.artifacts(r["info"]["run_id"])} for r in finished)
+
+
+def test_one_tracking_uri_rule_for_run_table_export_and_ui(tmp_path, tiny_model, ray_cluster):
+    """A relative store given on the command line (or in MLFLOW_TRACKING_URI) means the same file
+    for `sweep run` as for `table`, `export` and `ui`: the one in the current folder, not the
+    spec's folder."""
+    work = tmp_path / "work"
+    (work / "stores").mkdir(parents=True)
+    spec = write_spec(tmp_path / "specs", "e2e-uri", tiny_model, "sqlite:///spec-side.db",
+                      [{"type": "lora", "r": 4, "target_modules": ["q_proj", "v_proj"]}])
+    rel = "sqlite:///stores/mlflow.db"
+    result = sweep_cli("run", str(spec), "--address", ray_cluster.address, "--quiet", "--tracking-uri", rel,
+                       cluster=ray_cluster, cwd=work)
+    assert result.returncode == 0, show(result)
+    assert (work / "stores" / "mlflow.db").is_file()
+    assert not (tmp_path / "specs" / "stores").exists() and not (tmp_path / "specs" / "spec-side.db").exists()
+
+    from_flag = sweep_cli("table", "e2e-uri", "--tracking-uri", rel, "--format", "json", "--no-log",
+                          cluster=ray_cluster, cwd=work)
+    assert from_flag.returncode == 0, show(from_flag)
+    parent = json.loads(from_flag.stdout)["parent_run_id"]
+    from_env = sweep_cli("table", "e2e-uri", "--format", "json", "--no-log", cluster=ray_cluster, cwd=work,
+                         extra_env={"MLFLOW_TRACKING_URI": rel})
+    assert from_env.returncode == 0, show(from_env)
+    assert json.loads(from_env.stdout)["parent_run_id"] == parent
+    exported = sweep_cli("export", "e2e-uri", "--out", str(tmp_path / "best"), cluster=ray_cluster, cwd=work,
+                         extra_env={"MLFLOW_TRACKING_URI": rel})
+    assert exported.returncode == 0, show(exported)
+    assert (tmp_path / "best" / "adapter" / "adapter_config.json").is_file()
+    # Elsewhere the same relative value names another (missing) store: it is refused, not created.
+    elsewhere = sweep_cli("table", "e2e-uri", "--tracking-uri", rel, cluster=ray_cluster, cwd=tmp_path)
+    assert elsewhere.returncode == 2 and "no MLflow store at" in elsewhere.stderr, show(elsewhere)
+
+    port = free_port()
+    env = {**os.environ, "MLFLOW_TRACKING_URI": rel}
+    with serving_ui("e2e-uri", "--port", str(port), cwd=work, env=env) as (lines, _):
+        assert f"/runs/{parent}" in "".join(lines)

@@ -25,21 +25,21 @@ from pathlib import Path
 
 import pytest
 import yaml
+from services import SERVER_ENV  # the shared `mlflow_server` fixture comes from tests/services.py
 from typer.testing import CliRunner
 
-from services import SERVER_ENV, free_port  # the shared `mlflow_server` fixture comes from tests/services.py
 from sweep.cli import app
-from sweep.expand import expand
-from sweep.lookup import PARENT_TAG, ROLE_TAG, SWEEP_TAG, TrialRun
-from sweep.spec import load_spec
-from sweep.tracking import trial_params
+from sweep.spec import expand, load_spec
+from sweep.tracking.layout import PARENT_TAG, ROLE_TAG, SWEEP_TAG
+from sweep.tracking.runs import trial_params
+from sweep.util.net import free_port
 from trials.adapters import FAMILIES
 from trials.config import TrialConfig
 from trials.metrics import METRICS
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore:Unsupported layer type")]
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 EVAL_STEPS = (10, 20, 30)
 SWEEP = "table-syn"
 
@@ -245,7 +245,7 @@ def _config(run: Logged) -> str:
 
 def expected_rows(syn: Synthetic) -> dict[str, list[Logged]]:
     """For each variant, the finished runs of its best config (lowest mean eval_loss), computed
-    independently of sweep.table."""
+    independently of sweep.results.table."""
     out = {}
     for variant in {r.variant for r in syn.runs}:
         configs: dict[str, list[Logged]] = {}
@@ -263,7 +263,7 @@ def expected_rows(syn: Synthetic) -> dict[str, list[Logged]]:
 def table(synthetic):
     from mlflow import MlflowClient
 
-    from sweep.table import build_table
+    from sweep.results.table import build_table
 
     return build_table(MlflowClient(synthetic.uri), synthetic.parent_run_id)
 
@@ -323,7 +323,7 @@ def test_best_is_marked_in_each_columns_direction(table):
 def test_metric_and_goal_fall_back_to_parent_params(mlflow_server):
     from mlflow import MlflowClient
 
-    from sweep.lookup import load_sweep
+    from sweep.tracking.reader import load_sweep
 
     client = MlflowClient(mlflow_server.uri)
     exp = client.create_experiment("table-declared")
@@ -337,7 +337,7 @@ def test_metric_and_goal_fall_back_to_parent_params(mlflow_server):
 def test_by_field_splits_rows(synthetic):
     from mlflow import MlflowClient
 
-    from sweep.table import build_table
+    from sweep.results.table import build_table
 
     t = build_table(MlflowClient(synthetic.uri), synthetic.parent_run_id, by=["adapter.r"])
     labels = {(r.variant, r.by["adapter.r"]) for r in t.rows}
@@ -348,7 +348,7 @@ def test_by_field_splits_rows(synthetic):
 
 
 def test_markdown_is_shaped_like_the_seed_table(table):
-    from sweep.table import format_value, to_markdown
+    from sweep.results.render import format_value, to_markdown
 
     md = to_markdown(table)
     lines = md.splitlines()
@@ -370,20 +370,8 @@ def test_markdown_is_shaped_like_the_seed_table(table):
     assert "2 ok / 1 failed" in ln
 
 
-def test_tracking_uri_resolution(tmp_path, monkeypatch):
-    from sweep.lookup import absolute_uri, pick_tracking_uri
-
-    assert absolute_uri("sqlite:///mlflow.db", tmp_path) == f"sqlite:///{tmp_path}/mlflow.db"
-    assert absolute_uri("sqlite:////abs/m.db", tmp_path) == "sqlite:////abs/m.db"
-    assert absolute_uri("http://h:5000", tmp_path) == "http://h:5000"
-    assert pick_tracking_uri(None, "sqlite:///m.db", tmp_path) == f"sqlite:///{tmp_path}/m.db"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://env:1")
-    assert pick_tracking_uri(None, "sqlite:///m.db", tmp_path) == "http://env:1"
-    assert pick_tracking_uri("http://cli:2", "sqlite:///m.db", tmp_path) == "http://cli:2"
-
-
 def test_csv_json_html_carry_the_same_numbers(table):
-    from sweep.table import render
+    from sweep.results.render import render
 
     rows = list(csv.DictReader(io.StringIO(render(table, "csv"))))
     data = json.loads(render(table, "json"))
@@ -399,31 +387,6 @@ def test_csv_json_html_carry_the_same_numbers(table):
     assert html.count("<tr>") == len(table.rows) + 1 and "<strong>" in html
 
 
-def test_build_rows_is_pure_and_follows_a_maximize_goal():
-    from sweep.table import best_trial, build_rows
-
-    def trial(i: int, variant: str, lr: str, seed: int, acc: float, status: str = "FINISHED", trainable: float = 100.0) -> TrialRun:
-        return TrialRun(f"r{i}", status, f"t{i}", variant.split("+")[0], variant,
-                        {"trainer.learning_rate": lr, "seed": str(seed)},
-                        {"eval_token_accuracy": acc, "trainable_params": trainable})
-
-    trials = [
-        trial(1, "lora", "0.001", 0, 0.50), trial(2, "lora", "0.001", 1, 0.70),  # mean 0.60
-        trial(3, "lora", "0.01", 0, 0.58), trial(4, "lora", "0.01", 1, 0.66),  # mean 0.62: best config
-        trial(5, "lora", "0.01", 2, 0.99, status="FAILED"),
-        trial(6, "oft", "0.001", 0, 0.40),
-    ]
-    t = build_rows(trials, "eval_token_accuracy", "maximize")
-    lora = t.rows[0]
-    assert lora.variant == "lora" and lora.best_config == {"trainer.learning_rate": 0.01}
-    assert lora.cells["eval_token_accuracy"].value == pytest.approx(0.62) and lora.failed == 1
-    assert lora.best_trial_id == "t2"  # the single best finished trial
-    assert lora.cells["eval_token_accuracy"].best and not t.rows[1].cells["eval_token_accuracy"].best
-    # Ties on the metric go to fewer trainable params.
-    tied = [trial(7, "hra", "0.1", 0, 0.8, trainable=50.0), trial(8, "lora", "0.1", 0, 0.8, trainable=40.0)]
-    assert best_trial(tied, "eval_token_accuracy", "maximize").trial_id == "t8"
-
-
 # --- plots ----------------------------------------------------------------------------
 
 
@@ -431,7 +394,7 @@ def test_plots_are_valid_pngs(table, synthetic, tmp_path):
     from mlflow import MlflowClient
     from PIL import Image
 
-    from sweep.plots import CURVES, PARETO, make_plots, pareto_front
+    from sweep.results.plots import CURVES, PARETO, make_plots, pareto_front
 
     paths = make_plots(MlflowClient(synthetic.uri), table, tmp_path)
     assert {p.name for p in paths} == {CURVES, PARETO}
@@ -558,7 +521,7 @@ def test_export_best(synthetic, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from sweep.export import export_best
+    from sweep.results.export import export_best
 
     (exported,) = export_best(MlflowClient(synthetic.uri), synthetic.parent_run_id, tmp_path / "best")
     expected = _expected_best(synthetic.finished())
@@ -589,6 +552,19 @@ def test_export_best(synthetic, tmp_path):
     assert (out / "adapter" / "adapter_config.json").is_file()
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(synthetic.model_dir), out / "adapter")
     assert sum(p.numel() for n, p in model.named_parameters() if "lora_" in n or "hra_" in n) == expected.metrics["trainable_params"]
+
+
+def test_table_export_and_the_parent_tag_pick_the_same_trial_ties_included(synthetic, table, tmp_path):
+    """lora r=4 seed 0 and hra r=8 seed 0 tie on eval_loss: every reader breaks the tie alike."""
+    from mlflow import MlflowClient
+
+    from sweep.results.export import export_best
+    from sweep.tracking.reader import best_of_sweep
+
+    client = MlflowClient(synthetic.uri)
+    (exported,) = export_best(client, synthetic.parent_run_id, tmp_path / "best")
+    recorded = best_of_sweep(client, synthetic.experiment_id, synthetic.parent_run_id, "eval_loss", "minimize")
+    assert table.best_trial_id == exported.trial.trial_id == recorded.trial_id == _expected_best(synthetic.finished()).trial.trial_id
 
 
 def test_export_by_variant_via_cli(synthetic, tmp_path):
@@ -673,7 +649,8 @@ def test_table_over_1000_runs(mlflow_server, capsys):
     from sqlalchemy import event
     from sqlalchemy.engine import Engine
 
-    from sweep.table import build_table, to_markdown
+    from sweep.results.render import to_markdown
+    from sweep.results.table import build_table
 
     http = MlflowClient(mlflow_server.uri)
     exp = http.create_experiment("table-big")
