@@ -139,6 +139,7 @@ class RayCluster:
     # clients need the mode and the token (a fresh one per test session, never ~/.ray's).
     client_env: dict[str, str]
     node_ids: dict[str, str] = field(default_factory=dict)  # "head" / "worker-N" -> Ray node id
+    temp_dirs: list[str] = field(default_factory=list)  # each node's session folder (its logs)
 
 
 def _ray_env() -> tuple[dict[str, str], dict[str, str]]:
@@ -158,12 +159,14 @@ def _ray_nodes(address: str, env: dict[str, str]) -> list[dict[str, Any]]:
 
 
 @contextmanager
-def ray_nodes(root: Path, *, cpus: list[int], resources: list[dict[str, float]] | None = None, attempts: int = 3):
+def ray_nodes(root: Path, *, cpus: list[int], resources: list[dict[str, float]] | None = None, attempts: int = 3,
+              node_env: dict[str, str] | None = None):
     """A Ray cluster of len(cpus) nodes on this machine: `ray start --head --block` plus
     `ray start --address ... --block` per extra node, each with its own CPUs and custom
     resources, all on loopback (this host's primary address may not route to itself). Each
     `ray start --block` takes its node's processes down with it, so stopping its process
-    group stops the node; nothing else on the machine is touched.
+    group stops the node; nothing else on the machine is touched. `node_env` is added to every
+    node's environment (what a cluster launcher's env or a KubeRay Secret gives a real node).
 
     A start is retried on fresh ports: a port found free can be taken by another process
     before Ray binds it (seen once with the head's client server)."""
@@ -173,7 +176,7 @@ def ray_nodes(root: Path, *, cpus: list[int], resources: list[dict[str, float]] 
     try:
         for attempt in range(1, attempts + 1):
             try:
-                cluster = _start_nodes(root / f"attempt-{attempt}", cpus, resources, procs, temp_dirs)
+                cluster = _start_nodes(root / f"attempt-{attempt}", cpus, resources, procs, temp_dirs, node_env or {})
                 break
             except RuntimeError:
                 _stop_nodes(procs, temp_dirs)
@@ -195,10 +198,11 @@ def _stop_nodes(procs: list[subprocess.Popen], temp_dirs: list[str]) -> None:
 
 
 def _start_nodes(root: Path, cpus: list[int], resources: list[dict[str, float]], procs: list[subprocess.Popen],
-                 temp_dirs: list[str]) -> RayCluster:
+                 temp_dirs: list[str], node_env: dict[str, str]) -> RayCluster:
     root.mkdir(parents=True, exist_ok=True)
     port, dash, client = free_port(), free_port(), free_port()
     client_env, env = _ray_env()
+    env = {**env, **node_env}
     address = f"127.0.0.1:{port}"
     logs: list[Path] = []
 
@@ -227,7 +231,7 @@ def _start_nodes(root: Path, cpus: list[int], resources: list[dict[str, float]],
     workers = sorted(n["node_id"] for n in nodes if not n.get("is_head_node"))
     ids = {"head": head, **{f"worker-{i}": w for i, w in enumerate(workers, 1)}}
     return RayCluster(address=address, dashboard=f"http://127.0.0.1:{dash}", pid=procs[0].pid,
-                      client_env=client_env, node_ids=ids)
+                      client_env=client_env, node_ids=ids, temp_dirs=list(temp_dirs))
 
 
 def _wait_nodes(address: str, env: dict[str, str], count: int, procs: list[subprocess.Popen], logs: list[Path],

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -111,3 +112,26 @@ def serving_ui(*args: str, cwd: Path, env: dict[str, str], timeout: float = 180)
     finally:
         proc.terminate()
         proc.wait(30)
+
+
+def fake_secrets(prefix: str) -> dict[str, str]:
+    """Credentials as a user's shell holds them, with values unique to this test."""
+    tag = uuid.uuid4().hex[:12]
+    return {name: f"{prefix}-{name.lower()}-{tag}" for name in
+            ("HF_TOKEN", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN", "HF_HUB_SECRET", "PEFT_SWEEP_API_KEY")}
+
+
+def files_holding(roots: list[Path], values: list[str]) -> list[str]:
+    """Every file under `roots` (all of its bytes, binary or text) that contains one of `values`."""
+    needles = [v.encode() for v in values]
+    found = []
+    for root in roots:
+        for path in Path(root).rglob("*"):
+            try:
+                if not path.is_file() or path.is_symlink():
+                    continue
+                data = path.read_bytes()
+            except OSError:  # a socket, or a file a live process just removed
+                continue
+            found += [f"{path}: {v.decode()}" for v in needles if v in data]
+    return found

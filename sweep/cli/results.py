@@ -147,7 +147,7 @@ def ui_cmd(
         _, sweep = _open_sweep(name, tracking_uri, experiment)
         uri = sweep.tracking_uri
     else:
-        uri = layout.tracking_uri(tracking_uri)
+        uri, _ = layout.use_credentials(layout.tracking_uri(tracking_uri))
         layout.check_store(uri)
         try:
             sweep = find_sweep(layout.client(uri), uri, None, experiment)

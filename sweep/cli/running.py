@@ -32,6 +32,9 @@ def run(
     ),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="One plain line per trial event (for CI logs)."),
     verbose: bool = typer.Option(False, "--verbose", help="Also stream Ray's and the workers' own logs."),
+    forward_env: Optional[list[str]] = typer.Option(
+        None, "--forward-env", help="Send this environment variable's value to the workers (repeatable), by a path "
+                                    "Ray's logs and Tune's state do not keep. Credentials are never sent otherwise."),
 ) -> None:
     """Plan the spec, then run every trial on Ray Tune (Ray Train + DeepSpeed inside), tracked in MLflow.
 
@@ -41,7 +44,7 @@ def run(
 
     sweep_spec, spec_dir, result = load_and_plan(spec)
     outcome = run_sweep(sweep_spec, spec, spec_dir, result, address=address, storage_root=storage,
-                        cli_uri=tracking_uri, quiet=quiet, verbose=verbose, console=out)
+                        cli_uri=tracking_uri, quiet=quiet, verbose=verbose, console=out, forward_env=forward_env or [])
     raise typer.Exit(outcome.exit_code)
 
 
@@ -61,6 +64,9 @@ def submit(
                    "Default: the spec's folder."
     ),
     wait: bool = typer.Option(False, "--wait", help="Stream the job's output until it ends; exit with its outcome."),
+    forward_env: Optional[list[str]] = typer.Option(
+        None, "--forward-env", help="Have the job's driver send its value of this variable to the workers "
+                                    "(repeatable); the value comes from the cluster's environment, never from here."),
 ) -> None:
     """Plan the spec here, then run it on a Ray cluster as a job (`sweep run --address auto` there).
 
@@ -70,7 +76,7 @@ def submit(
 
     sweep_spec, spec_dir, _ = load_and_plan(spec)
     sub = submit_job(sweep_spec, spec, spec_dir, address=address, storage=storage, cli_uri=tracking_uri,
-                     working_dir=working_dir)
+                     working_dir=working_dir, forward_env=forward_env or [])
     out.print(f"submitted sweep {sub.name} as job {sub.job_id} to {sub.address}", highlight=False, soft_wrap=True)
     if not wait:
         out.print(f"follow it with `sweep logs {sub.name} --follow`; `sweep status {sub.name}` shows its trials",

@@ -4,6 +4,7 @@ planned sweep, watch it, and close its parent run with the outcome."""
 from __future__ import annotations
 
 import hashlib
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +17,7 @@ from sweep.errors import LaunchError, SpecError, StateError
 from sweep.launch import state as sweep_state
 from sweep.launch.context import DRIVER_RESOURCE, LaunchContext
 from sweep.launch.early_stop import board_name, start_board, stop_board
+from sweep.launch.forwarding import start_box, stop_box, values_of
 from sweep.launch.progress import Progress, attach, detach
 from sweep.launch.reconcile import Reconciler, close_orphans
 from sweep.launch.runtime import init_ray, quiet_ray_logs, worker_env
@@ -24,6 +26,7 @@ from sweep.launch.trial_fn import make_trainable
 from sweep.spec import Plan, load_spec, make_plan
 from sweep.tracking import layout, runs
 from sweep.tracking.reader import best_of_sweep
+from sweep.util.secrets import redact_uri
 from sweep.util.storage import is_uri, join, read_bytes
 
 
@@ -56,6 +59,7 @@ def build_context(spec, plan, *, tracking_uri: str, experiment_id: str, parent_r
         trials={t.trial.trial_id: t.trial for t in plan.trials},
         worker_env=worker_env(spec),
         reuse_workers=spec.resources.reuse_workers,
+        collective_timeout_s=spec.resources.collective_timeout_s,
     )
     if ray.is_initialized() and ray.cluster_resources().get(DRIVER_RESOURCE):
         ctx.trial_fn_resources[DRIVER_RESOURCE] = 0.001
@@ -106,7 +110,7 @@ def spec_sha256(path: Path) -> str:
 
 
 def run_sweep(spec, spec_path: Path, spec_dir: Path, plan: Plan, *, address: str | None, storage_root: str | None,
-              cli_uri: str | None, quiet: bool, verbose: bool, console) -> Outcome:
+              cli_uri: str | None, quiet: bool, verbose: bool, console, forward_env: list[str] = ()) -> Outcome:
     root = storage_root or str(spec_dir / "runs")
     if not is_uri(root):
         root = str(Path(root).expanduser().resolve())
@@ -116,7 +120,8 @@ def run_sweep(spec, spec_path: Path, spec_dir: Path, plan: Plan, *, address: str
             f"{storage} already holds sweep {spec.name!r}: continue it with `sweep resume {storage}`, "
             "or pass another --storage (or rename the sweep)"
         )
-    uri = layout.tracking_uri(cli_uri, spec.tracking.uri, spec_dir)
+    uri, creds = layout.use_credentials(layout.tracking_uri(cli_uri, spec.tracking.uri, spec_dir))
+    forwarded = values_of(list(forward_env), creds)  # every name set, or exit 2 before anything starts
     layout.check_server(uri)
     dashboard = init_ray(address, worker_env(spec), verbose=verbose)
     client = layout.client(uri)
@@ -125,18 +130,19 @@ def run_sweep(spec, spec_path: Path, spec_dir: Path, plan: Plan, *, address: str
     st = sweep_state.SweepState(
         name=spec.name, spec_path=str(spec_path.resolve()), spec_sha256=spec_sha256(spec_path), storage=storage,
         tracking_uri=uri, experiment_id=experiment_id, parent_run_id=parent_run_id, strategy=spec.search.strategy,
-        address=address,
+        address=address, forward_env=sorted(forward_env), tracking_credentials=sorted(creds),
     )
     sweep_state.save(st)
     ctx = build_context(spec, plan, tracking_uri=uri, experiment_id=experiment_id,
                         parent_run_id=parent_run_id, storage=storage)
+    ctx.forwarded = sorted(forwarded)
     _announce(console, quiet, spec, st, dashboard, uri)
     quiet_ray_logs(verbose)
     tune_config, param_space = tune_configs(spec, plan, ctx)
     tuner = tune.Tuner(make_trainable(ctx), param_space=param_space, tune_config=tune_config,
                        run_config=tune_run_config(spec, storage))
     total = spec.search.num_samples if spec.search.strategy == "optuna" else len(plan.trials)
-    return _finish(tuner, ctx, spec, st, client, total, quiet=quiet, console=console)
+    return _finish(tuner, ctx, spec, st, client, total, forwarded, quiet=quiet, console=console)
 
 
 def resume_sweep(name_or_path: str, *, address: str | None, quiet: bool, verbose: bool, retry_failed: bool,
@@ -152,6 +158,12 @@ def resume_sweep(name_or_path: str, *, address: str | None, quiet: bool, verbose
     if not tune.Tuner.can_restore(storage):
         raise LaunchError(f"{storage}: Ray Tune has no experiment state there (the sweep died before its first "
                           f"trial was scheduled); remove the folder and start it again with `sweep run`")
+    # The same names again, with this shell's values: nothing secret was kept with the sweep.
+    absent = [n for n in st.tracking_credentials if n not in os.environ]
+    if absent:
+        raise LaunchError(f"the tracking server of sweep {st.name} took credentials from its URI; set "
+                          f"{' and '.join(absent)} in this shell to resume it")
+    forwarded = values_of(st.forward_env, {n: os.environ[n] for n in st.tracking_credentials})
     layout.check_server(st.tracking_uri)
     dashboard = init_ray(address if address is not None else st.address, worker_env(spec), verbose=verbose)
     client = layout.client(st.tracking_uri)
@@ -159,6 +171,7 @@ def resume_sweep(name_or_path: str, *, address: str | None, quiet: bool, verbose
     ctx = build_context(spec, plan, tracking_uri=st.tracking_uri, experiment_id=st.experiment_id,
                         parent_run_id=st.parent_run_id, storage=storage)
     ctx.finished = runs.finished_trials(client, st.experiment_id, st.parent_run_id)
+    ctx.forwarded = sorted(forwarded)
     _announce(console, quiet, spec, st, dashboard, st.tracking_uri, resumed=True)
     quiet_ray_logs(verbose)
     # Finished trials are kept; interrupted ones re-run from scratch (trials keep no checkpoints);
@@ -168,16 +181,18 @@ def resume_sweep(name_or_path: str, *, address: str | None, quiet: bool, verbose
     st.status = "running"
     sweep_state.save(st)
     total = spec.search.num_samples if spec.search.strategy == "optuna" else len(plan.trials)
-    return _finish(tuner, ctx, spec, st, client, total, quiet=quiet, console=console)
+    return _finish(tuner, ctx, spec, st, client, total, forwarded, quiet=quiet, console=console)
 
 
-def _finish(tuner, ctx, spec, st, client, total, *, quiet, console) -> Outcome:
+def _finish(tuner, ctx, spec, st, client, total, forwarded: dict[str, str], *, quiet, console) -> Outcome:
     started = time.time()
     board = start_board(spec.name) if ctx.decision_board else None
+    box = start_box(spec.name, forwarded)
     try:
         outcome = _fit(tuner, ctx, spec, total, quiet=quiet, console=console)
     finally:
         stop_board(board)
+        stop_box(box)
     runs.finish_sweep_run(client, st.parent_run_id, outcome.counts, outcome.best, interrupted=outcome.interrupted)
     st.status = "interrupted" if outcome.interrupted else ("failed" if outcome.counts.get("ERROR") else "finished")
     sweep_state.save(st)
@@ -188,7 +203,7 @@ def _finish(tuner, ctx, spec, st, client, total, *, quiet, console) -> Outcome:
         line += f"; best {outcome.best['trial_id']} {outcome.best['metric']}={outcome.best['value']:.4g}"
     console.print(line, highlight=False, soft_wrap=True)
     if layout.is_server(st.tracking_uri):
-        console.print(f"runs: {st.tracking_uri.rstrip('/')}/#/experiments/{st.experiment_id}/runs/{st.parent_run_id}",
+        console.print(f"runs: {redact_uri(st.tracking_uri).rstrip('/')}/#/experiments/{st.experiment_id}/runs/{st.parent_run_id}",
                       highlight=False, soft_wrap=True)
     return outcome
 
@@ -196,7 +211,7 @@ def _finish(tuner, ctx, spec, st, client, total, *, quiet, console) -> Outcome:
 def _announce(console, quiet: bool, spec, st, dashboard: str | None, uri: str, resumed: bool = False) -> None:
     verb = "resuming" if resumed else "running"
     console.print(f"{verb} sweep {spec.name}: storage {st.storage}", highlight=False, soft_wrap=True)
-    console.print(f"mlflow: {uri} (experiment {spec.tracking.experiment or spec.name}, parent run {st.parent_run_id})",
+    console.print(f"mlflow: {redact_uri(uri)} (experiment {spec.tracking.experiment or spec.name}, parent run {st.parent_run_id})",
                   highlight=False, soft_wrap=True)
     if dashboard:
         console.print(f"ray dashboard: {dashboard}", highlight=False, soft_wrap=True)

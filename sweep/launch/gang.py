@@ -22,6 +22,7 @@ import logging
 import os
 import threading
 import time
+from datetime import timedelta
 from typing import Any
 
 import ray
@@ -36,6 +37,26 @@ log = logging.getLogger(__name__)
 FAILURE_GRACE_S = 30.0  # how long the other ranks get to end after one rank failed
 
 
+def assign_devices(placements: list[tuple[str, list[str]]]) -> list[tuple[str | None, int]]:
+    """(CUDA_VISIBLE_DEVICES, LOCAL_RANK) for each rank, from (node id, Ray's GPU ids) per rank.
+
+    Ray gives each GPU actor only its own GPU, which hides the peer GPUs NCCL uses for
+    peer-to-peer and NVLink transfers; Ray Train shows co-located workers the union of their
+    GPUs and each selects its own by index. So do the ranks of a gang. Ranks without GPUs
+    get (None, 0)."""
+    union: dict[str, list[str]] = {}
+    for node, gpus in placements:
+        union.setdefault(node, [])
+        union[node] = sorted(set(union[node]) | set(gpus), key=lambda g: (len(g), g))
+    out: list[tuple[str | None, int]] = []
+    for node, gpus in placements:
+        if not gpus:
+            out.append((None, 0))
+        else:
+            out.append((",".join(union[node]), union[node].index(gpus[0])))
+    return out
+
+
 class GangWorker:
     """One rank. A threaded actor: `run` trains while `take_reports` hands rank 0's
     evaluations to the trial function."""
@@ -48,21 +69,31 @@ class GangWorker:
     def address(self) -> tuple[str, int]:
         return ray.util.get_node_ip_address(), free_port("")
 
-    def connect(self, master: tuple[str, int], backend: str) -> str:
+    def placement(self) -> tuple[str, list[str]]:
+        """This rank's node and the GPUs Ray assigned it."""
+        return ray.get_runtime_context().get_node_id(), [str(g) for g in ray.get_gpu_ids()]
+
+    def connect(self, master: tuple[str, int], backend: str, visible: str | None, local_rank: int,
+                timeout_s: float) -> str:
         """Join the gang's process group and import what every trial needs; returns the node id."""
+        # Before CUDA initializes in this process: the rank then sees its node's gang GPUs.
+        if visible is not None:
+            os.environ["CUDA_VISIBLE_DEVICES"] = visible
+        os.environ.update({"RANK": str(self.rank), "WORLD_SIZE": str(self.world), "LOCAL_RANK": str(local_rank),
+                           "MASTER_ADDR": master[0], "MASTER_PORT": str(master[1])})
         # Worker-side imports: the trial actor that builds the gang never loads torch.
         import torch.distributed as dist
 
         from trials.dist import import_deepspeed
 
-        os.environ.update({"RANK": str(self.rank), "WORLD_SIZE": str(self.world), "LOCAL_RANK": "0",
-                           "MASTER_ADDR": master[0], "MASTER_PORT": str(master[1])})
         if backend == "nccl":
             import torch
 
-            torch.cuda.set_device(0)  # Ray makes the worker's own GPU the only visible one
+            torch.cuda.set_device(local_rank)
+        # An explicit timeout (torch's NCCL default is 10 minutes): model loading skewed across
+        # nodes or a slow tracking server must not trip the watchdog of a healthy trial.
         dist.init_process_group(backend, init_method=f"tcp://{master[0]}:{master[1]}", rank=self.rank,
-                                world_size=self.world)
+                                world_size=self.world, timeout=timedelta(seconds=timeout_s))
         for module in ("trials.train", "sweep.tracking.reporter"):  # torch, transformers, PEFT, MLflow
             importlib.import_module(module)
         import_deepspeed()
@@ -83,7 +114,7 @@ class GangWorker:
 
 
 class Gang:
-    def __init__(self, workers: int, per_worker: dict[str, float], env: dict[str, str]):
+    def __init__(self, workers: int, per_worker: dict[str, float], env: dict[str, str], timeout_s: float = 1800.0):
         self.size = workers
         self.pg = placement_group([dict(per_worker)] * workers, strategy="PACK")
         ray.get(self.pg.ready())  # waits, never fails, while the cluster is busy
@@ -97,8 +128,10 @@ class Gang:
             ).remote(i, workers)
             for i in range(workers)
         ]
+        devices = assign_devices(ray.get([w.placement.remote() for w in self.workers]))
         master = ray.get(self.workers[0].address.remote())
-        self.nodes = ray.get([w.connect.remote(master, "nccl" if gpu else "gloo") for w in self.workers])
+        self.nodes = ray.get([w.connect.remote(master, "nccl" if gpu else "gloo", visible, local, timeout_s)
+                              for w, (visible, local) in zip(self.workers, devices)])
 
     def run(self, config: dict[str, Any], report) -> None:
         """Run one trial on every rank; forwards rank 0's reports as they come. Raises the
@@ -131,14 +164,14 @@ _gang: Gang | None = None
 _gang_key: tuple | None = None
 
 
-def acquire(workers: int, per_worker: dict[str, float], env: dict[str, str]) -> Gang:
+def acquire(workers: int, per_worker: dict[str, float], env: dict[str, str], timeout_s: float = 1800.0) -> Gang:
     """This trial process's gang, started on first use."""
     global _gang, _gang_key
-    key = (workers, tuple(sorted(per_worker.items())), tuple(sorted(env.items())))
+    key = (workers, tuple(sorted(per_worker.items())), tuple(sorted(env.items())), timeout_s)
     if _gang is not None and _gang_key != key:
         discard()
     if _gang is None:
-        _gang, _gang_key = Gang(workers, per_worker, env), key
+        _gang, _gang_key = Gang(workers, per_worker, env, timeout_s), key
     return _gang
 
 

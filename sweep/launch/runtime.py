@@ -15,15 +15,24 @@ import sweep
 import trials
 from sweep.errors import LaunchError
 from sweep.util.net import free_port
+from sweep.util.secrets import is_secret
 
 _PASS_ENV_PREFIXES = ("HF_", "TRANSFORMERS_", "PEFT_SWEEP_", "MLFLOW_", "DS_", "NCCL_", "TORCH_", "CUDA_VISIBLE")
 
 
 def worker_env(spec) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k.startswith(_PASS_ENV_PREFIXES)}
-    env.pop("MLFLOW_RUN_ID", None)  # runs are addressed explicitly
+    """The environment the sweep's workers get through Ray's runtime env. Ray logs it and Tune
+    stores it with every trial, so no credential is ever in it (sweep.util.secrets); a user
+    who needs one on the workers forwards it (`--forward-env`, sweep.launch.forwarding)."""
+    env = {k: v for k, v in os.environ.items() if k.startswith(_PASS_ENV_PREFIXES) and not is_secret(k)}
+    # Runs are addressed explicitly, and a URI may carry a password.
+    for name in ("MLFLOW_RUN_ID", "MLFLOW_TRACKING_URI"):
+        env.pop(name, None)
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     env.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+    # DeepSpeed's accelerator follows the trial's resources, never the driver's shell: a
+    # DS_ACCELERATOR=cpu left there would build CPU engines on GPU workers.
+    env.pop("DS_ACCELERATOR", None)
     if spec.resources.gpus_per_worker <= 0:
         env["DS_ACCELERATOR"] = "cpu"
     return env

@@ -34,6 +34,8 @@ class SweepState:
     parent_run_id: str
     strategy: str
     address: str | None = None
+    forward_env: list[str] = field(default_factory=list)  # names only: `sweep resume` forwards them again
+    tracking_credentials: list[str] = field(default_factory=list)  # the MLFLOW_TRACKING_* names the URI held
     status: str = "running"  # running | finished | failed | interrupted
     created: float = field(default_factory=time.time)
     updated: float = field(default_factory=time.time)

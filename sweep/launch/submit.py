@@ -23,6 +23,7 @@ import sweep
 import trials
 from sweep.errors import LaunchError
 from sweep.tracking.layout import is_relative_store, tracking_uri
+from sweep.util.secrets import redact_uri, split_credentials
 from sweep.util.storage import JsonIndex
 
 # Left out of the shipped folder: earlier local runs and tracking stores.
@@ -58,15 +59,17 @@ def _check_tracking_uri(uri: str) -> None:
                           "--tracking-uri with an MLflow server every node can reach (e.g. http://mlflow:5000)")
 
 
-def entrypoint(spec_rel: str, storage: str, tracking_uri: str | None) -> str:
+def entrypoint(spec_rel: str, storage: str, tracking_uri: str | None, forward_env: list[str] = ()) -> str:
     args = ["python", "-m", "sweep", "run", spec_rel, "--address", "auto", "--quiet", "--storage", storage]
     if tracking_uri:
         args += ["--tracking-uri", tracking_uri]
+    for name in forward_env:  # names only: the job's driver forwards its own values
+        args += ["--forward-env", name]
     return " ".join(shlex.quote(a) for a in args)
 
 
 def submit(spec, spec_path: Path, spec_dir: Path, *, address: str, storage: str | None, cli_uri: str | None,
-           working_dir: Path | None) -> Submission:
+           working_dir: Path | None, forward_env: list[str] = ()) -> Submission:
     root = Path(working_dir or spec_dir).expanduser().resolve()
     try:
         spec_rel = spec_path.resolve().relative_to(root).as_posix()
@@ -78,6 +81,11 @@ def submit(spec, spec_path: Path, spec_dir: Path, *, address: str, storage: str 
     raw = cli_uri or os.environ.get("MLFLOW_TRACKING_URI") or spec.tracking.uri
     _check_tracking_uri(raw)
     uri = tracking_uri(cli_uri, spec.tracking.uri, spec_dir)
+    if split_credentials(uri)[1]:
+        # The entrypoint is shown by the job server to anyone who can list jobs.
+        raise LaunchError(f"tracking: {redact_uri(uri)} holds credentials, which the job's command line would "
+                          "show; give the cluster MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD (README: "
+                          "secrets on a cluster) and pass the URI without them")
     jobs = client(address)
     job_id = f"sweep-{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     runtime_env: dict[str, Any] = {
@@ -86,7 +94,8 @@ def submit(spec, spec_path: Path, spec_dir: Path, *, address: str, storage: str 
         "py_modules": [str(Path(sweep.__file__).parent), str(Path(trials.__file__).parent)],
     }
     try:
-        jobs.submit_job(entrypoint=entrypoint(spec_rel, storage or DEFAULT_STORAGE, uri), submission_id=job_id,
+        jobs.submit_job(entrypoint=entrypoint(spec_rel, storage or DEFAULT_STORAGE, uri, forward_env),
+                        submission_id=job_id,
                         runtime_env=runtime_env, metadata={"peft_sweep.name": spec.name})
     except Exception as err:
         raise LaunchError(f"--address {address}: the job server refused the sweep "

@@ -89,6 +89,7 @@ def worker_config(ctx: LaunchContext, cfg: TrialConfig, *, tune_trial_id: str, a
             "trial_node_id": ray.get_runtime_context().get_node_id(),
             "fn_started": fn_started,
             "reuse_workers": ctx.reuse_workers,
+            "forwarded": list(ctx.forwarded),
         },
         "adapter_block": family.ludwig(cfg.adapter),
     }
@@ -99,7 +100,7 @@ def per_worker(ctx: LaunchContext) -> dict[str, float]:
 
 
 def _run_on_gang(loop_config: dict[str, Any], ctx: LaunchContext) -> None:
-    workers = gang.acquire(ctx.workers, per_worker(ctx), ctx.worker_env)
+    workers = gang.acquire(ctx.workers, per_worker(ctx), ctx.worker_env, ctx.collective_timeout_s)
     try:
         workers.run(loop_config, tune.report)
     except BaseException:

@@ -17,6 +17,7 @@ import ray
 
 from sweep.launch.context import PLACEMENT_GROUP_KEY
 from sweep.launch.early_stop import should_stop
+from sweep.launch.forwarding import receive
 
 if TYPE_CHECKING:
     from trials.config import TrialConfig
@@ -106,6 +107,8 @@ def run_worker(config: dict[str, Any], rank: int, report) -> None:
                 "ray.worker_imports_s": time.time() - entered}
     for name in ("DeepSpeed", "deepspeed", "torch.distributed", "mlflow"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    if config["run"].get("forwarded"):
+        receive(config["run"]["sweep"])  # before MLflow's client: it may need the forwarded credentials
     cfg: TrialConfig = config["trial"]  # pickled by Ray: already validated
     run = {**config["run"], "cfg": cfg} if rank == 0 else None
     mlflow_reporter = MlflowReporter(run, config["adapter_block"], placement(config["run"]), overhead)
@@ -116,6 +119,7 @@ def run_worker(config: dict[str, Any], rank: int, report) -> None:
                                                                 config["run"].get("decision_board"),
                                                                 config["run"]["tune_trial_id"])))
     finally:
+        mlflow_reporter.close()
         shutil.rmtree(out, ignore_errors=True)
         _release_memory()
 
@@ -142,4 +146,6 @@ def placement(run: dict[str, Any]) -> dict[str, str]:
     return {"ray.node_id": ranks[0][0], "ray.worker_node_ids": ",".join(node for node, _ in ranks),
             "ray.worker_pids": ",".join(str(pid) for _, pid in ranks),
             "ray.trial_node_id": run.get("trial_node_id") or "",
+            # Names only, of the forwarded variables this rank holds: that they arrived, never what they are.
+            "peft_sweep.forwarded_env": ",".join(n for n in run.get("forwarded", []) if n in os.environ),
             "peft_sweep.workers": "kept" if run.get("reuse_workers") else "train-run"}

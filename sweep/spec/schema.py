@@ -14,15 +14,8 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import (
-    BeforeValidator,
-    Discriminator,
-    Field,
-    Tag,
-    ValidationError,
-    create_model,
-    model_validator,
-)
+from pydantic import (BeforeValidator, Discriminator, Field, Tag, ValidationError, create_model, field_validator,
+                      model_validator)
 
 from sweep.errors import SpecError
 from sweep.spec.messages import validation_lines
@@ -172,11 +165,24 @@ class AshaScheduler(Strict):
 class ResourcesSpec(Strict):
     workers_per_trial: int = Field(2, ge=1, description="Ray Train workers (DeepSpeed processes) per trial.")
     cpus_per_worker: float = Field(1, gt=0)
-    gpus_per_worker: float = Field(0, ge=0)
+    gpus_per_worker: float = Field(0, ge=0, description="0 (CPU workers) or 1 (one GPU per DeepSpeed rank).")
     max_concurrent_trials: int = Field(1, ge=1)
     reuse_workers: bool = Field(
         True, description="Keep each trial's worker processes (and their process group and imports) for the next "
                           "trial; false starts a fresh Ray Train run per trial (full isolation, ~17 s more per trial).")
+    collective_timeout_s: float = Field(
+        1800, gt=0, description="How long a worker waits in a collective (all-reduce, barrier) before the trial "
+                                "fails: torch.distributed's timeout, 30 minutes as in Ray Train.")
+
+    @field_validator("gpus_per_worker")
+    @classmethod
+    def _whole_gpus(cls, value: float) -> float:
+        # A fraction puts two ranks of one trial on one GPU (NCCL refuses duplicate devices);
+        # more than one leaves GPUs idle, since a rank drives one device.
+        if value not in (0, 1):
+            raise ValueError("use 0 (CPU workers) or 1 (one GPU per DeepSpeed rank); for more GPUs per trial "
+                             "raise workers_per_trial")
+        return value
 
 
 class FailureSpec(Strict):

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 
 from sweep.errors import LaunchError, SweepLookupError
 from sweep.util.net import health_error
+from sweep.util.secrets import split_credentials
 
 if TYPE_CHECKING:
     from mlflow.entities import Run
@@ -73,6 +74,15 @@ def tracking_uri(cli_uri: str | None = None, spec_uri: str | None = None, spec_d
     if spec_uri:
         return absolute_uri(spec_uri, spec_dir or Path.cwd())
     return absolute_uri(DEFAULT_URI, Path.cwd())
+
+
+def use_credentials(uri: str) -> tuple[str, dict[str, str]]:
+    """The URI without `user:password@`, which this process's MLflow client then takes from
+    MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD: the URI can be printed, stored and
+    shipped, the password cannot (and is returned for the caller to forward, off the record)."""
+    clean, creds = split_credentials(uri)
+    os.environ.update(creds)
+    return clean, creds
 
 
 def is_relative_store(uri: str) -> bool:

@@ -21,18 +21,8 @@ from mlflow.exceptions import MlflowException
 
 from sweep.errors import SpecError, SweepLookupError
 from sweep.spec import load_spec
-from sweep.tracking.layout import (
-    ADAPTER_TYPE_TAG,
-    ROLE_TAG,
-    SPEC_FILE,
-    SWEEP_TAG,
-    TRIAL_ID_TAG,
-    VARIANT_TAG,
-    check_store,
-    children,
-    client,
-    tracking_uri,
-)
+from sweep.tracking.layout import (ADAPTER_TYPE_TAG, ROLE_TAG, SPEC_FILE, SWEEP_TAG, TRIAL_ID_TAG, VARIANT_TAG,
+                                   check_store, children, client, tracking_uri, use_credentials)
 from trials.metrics import METRICS
 
 if TYPE_CHECKING:
@@ -220,7 +210,7 @@ def open_sweep(target: str | None, cli_uri: str | None = None, experiment: str |
         name = spec.name
         spec_uri = spec.tracking.uri
         experiment = experiment or spec.tracking.experiment or spec.name
-    uri = tracking_uri(cli_uri, spec_uri, spec_dir)
+    uri, _ = use_credentials(tracking_uri(cli_uri, spec_uri, spec_dir))
     check_store(uri)
     c = client(uri)
     return c, find_sweep(c, uri, name, experiment)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import queue
+import threading
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -19,6 +21,49 @@ if TYPE_CHECKING:
 
 def _now_ms() -> int:
     return int(time.time() * 1000)
+
+
+class _Writer:
+    """Rank 0's MLflow writes, in order, on one background thread. Rank 0 writes between
+    collectives (after each evaluation); done inline, a slow or retrying tracking server
+    would hold every other rank in the next all-reduce until the collective timeout. The
+    first failure is kept and raised at `drain`, so no write is lost silently."""
+
+    def __init__(self) -> None:
+        self._queue: queue.Queue = queue.Queue()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._loop, name="mlflow-writer", daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while True:
+            item = self._queue.get()
+            try:
+                if item is None:
+                    return
+                if self._error is None:
+                    fn, args, kwargs = item
+                    fn(*args, **kwargs)
+            except BaseException as err:  # noqa: BLE001 (raised in the trial's thread at drain)
+                self._error = err
+            finally:
+                self._queue.task_done()
+
+    def submit(self, fn, *args, **kwargs) -> None:
+        if self._error is not None:
+            raise self._error
+        self._queue.put((fn, args, kwargs))
+
+    def drain(self) -> None:
+        """Wait until every write is done; raise the first that failed."""
+        self._queue.join()
+        if self._error is not None:
+            raise self._error
+
+    def close(self) -> None:
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join(timeout=60)
 
 
 class MlflowReporter:
@@ -39,10 +84,12 @@ class MlflowReporter:
         self.run_id: str | None = None
         self._buffer: list[Any] = []
         self._logged_at: dict[str, int] = {}
+        self._writer: _Writer | None = None
         if run is not None:
             self._client = client(run["tracking_uri"])
             self.run_id = open_child(self._client, run["experiment_id"], run["parent_run_id"], run["sweep"],
                                      run["cfg"], run["variant"], run["tune_trial_id"], run["attempt"])
+            self._writer = _Writer()
 
     def _metric(self, key: str, value: float, step: int):
         value = float(value)
@@ -58,7 +105,8 @@ class MlflowReporter:
             return
         batch, self._buffer = self._buffer, []
         for i in range(0, max(len(batch), 1), 1000):
-            self._client.log_batch(self.run_id, metrics=batch[i:i + 1000], tags=list(tags) if i == 0 else [])
+            self._writer.submit(self._client.log_batch, self.run_id, metrics=batch[i:i + 1000],
+                                tags=list(tags) if i == 0 else [])
 
     def on_setup(self, info: dict[str, Any]) -> None:
         if self._client is None:
@@ -98,10 +146,16 @@ class MlflowReporter:
                 continue  # the last evaluation already logged this point
             self._buffer.append(self._metric(key, value, step))
         self._flush([RunTag(EARLY_STOP_TAG, "true")] if result.get("early_stopped") else [])
+        self._writer.drain()  # every metric is in before the run is closed
         out = Path(out_dir)
         (out / ADAPTER_YAML).write_text(yaml.safe_dump({"adapter": self.adapter_block}, sort_keys=False))
         upload(self._client, self.run_id, out)
         self._client.set_terminated(self.run_id, status="FINISHED")
+
+    def close(self) -> None:
+        """Stop the background writer (after on_end, or when the trial failed)."""
+        if self._writer is not None:
+            self._writer.close()
 
 
 def upload(c: MlflowClient, run_id: str, out: Path) -> None:

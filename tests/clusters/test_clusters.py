@@ -29,6 +29,9 @@ def test_launcher_config_matches_rays_schema(path):
     assert head["resources"].get("GPU", 0) == 0 and head["resources"]["trial_driver"] > 0
     gpu_types = [t for t in config["available_node_types"].values() if t["resources"].get("GPU", 0) > 0]
     assert gpu_types and all(t["max_workers"] >= t.get("min_workers", 0) for t in gpu_types)
+    # Credentials come from the cloud's secret store into every node's shell, never from the file.
+    secrets = [c for c in config["setup_commands"] if "HF_TOKEN" in c or "MLFLOW_TRACKING_PASSWORD" in c]
+    assert len(secrets) == 2 and all("secret" in c for c in secrets)
 
 
 def _containers(pod_template: dict) -> list[dict]:
@@ -44,6 +47,10 @@ def test_kuberay_manifest(path):
     assert cluster["rayVersion"] == ray.__version__
     head = _containers(cluster["headGroupSpec"]["template"])
     assert all(_image_ok(c["image"]) for c in head)
+    # Every node takes its credentials from the Secret, as env vars (no value in the manifest).
+    every = head + [c for g in cluster["workerGroupSpecs"] for c in _containers(g["template"])]
+    assert all({"secretRef": {"name": "peft-sweep-secrets", "optional": True}} in c["envFrom"] for c in every)
+    assert not [e for c in every for e in c.get("env", []) if "TOKEN" in e["name"] or "PASSWORD" in e["name"]]
     assert all("nvidia.com/gpu" not in c["resources"]["limits"] for c in head)
     for group in cluster["workerGroupSpecs"]:
         for c in _containers(group["template"]):

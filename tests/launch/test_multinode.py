@@ -9,19 +9,24 @@ read back from the MLflow tags each trial records.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from services import ray_nodes, tags
-from sweeping import by_status, show, sweep_cli, sweep_runs, write_spec
+from sweeping import by_status, fake_secrets, files_holding, show, sweep_cli, sweep_runs, write_spec
 
 pytestmark = pytest.mark.slow
 
 TWO_TRIALS = [{"type": "lora", "r": [4, 8], "target_modules": ["q_proj", "v_proj"]}]
+# Credentials the cluster's nodes hold in their environment, as a cluster launcher's env or a
+# KubeRay Secret mounted as env vars gives them: none may reach Tune's state, MLflow or Ray's logs.
+NODE_SECRETS = fake_secrets("cluster")
 
 
 @pytest.fixture(scope="module")
 def two_nodes(tmp_path_factory):
     with ray_nodes(tmp_path_factory.mktemp("two-nodes"), cpus=[1, 1],
-                   resources=[{"trial_driver": 4}, {"worker_node": 1}]) as cluster:
+                   resources=[{"trial_driver": 4}, {"worker_node": 1}], node_env=NODE_SECRETS) as cluster:
         yield cluster
 
 
@@ -58,14 +63,19 @@ def test_sweep_submit_runs_as_a_job_and_reports_back(two_nodes, tiny_model, mlfl
     monkeypatch.setenv("PEFT_SWEEP_CACHE", str(tmp_path / "cache"))  # this machine's record of submissions
     spec = write_spec(tmp_path / "project", "two-nodes-job", tiny_model, mlflow_server.uri, TWO_TRIALS)
     storage = tmp_path / "storage"
+    submitter = fake_secrets("submitter")  # the submitting shell's own credentials stay here
     submitted = sweep_cli("submit", str(spec), "--address", two_nodes.dashboard, "--storage", str(storage), "--wait",
-                          cluster=two_nodes)
+                          "--forward-env", "HF_TOKEN", cluster=two_nodes, extra_env=submitter)
     assert submitted.returncode == 0, show(submitted)
     assert "SUCCEEDED" in submitted.stdout and "sweep two-nodes-job: 2 finished, 0 failed" in submitted.stdout
     _, children = sweep_runs(mlflow_server, "two-nodes-job")
     assert_ran_on_both_nodes(children, two_nodes)
     first, second = worker_pids(children)
     assert first == second and {tags(r)["peft_sweep.workers"] for r in children} == {"kept"}  # the same processes
+    # The job's driver forwarded its own HF_TOKEN (the node's) to the workers, off the record.
+    assert {tags(r)["peft_sweep.forwarded_env"] for r in children} == {"HF_TOKEN"}
+    roots = [storage, mlflow_server.root, *map(Path, two_nodes.temp_dirs)]
+    assert files_holding(roots, [*NODE_SECRETS.values(), *submitter.values()]) == []
 
     status = sweep_cli("status", "two-nodes-job", cluster=two_nodes)
     assert status.returncode == 0, show(status)

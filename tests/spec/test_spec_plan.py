@@ -118,6 +118,8 @@ def test_top_level_mistakes(tmp_path, model_dir):
         search={"trainer": {"learning_rate": {"distribution": "loguniform", "low": 1e-5, "high": 1e-3}}},
     )
     assert_user_error(plan_cli(path), "search.trainer.learning_rate is a distribution", "strategy: random/optuna")
+    path = write_spec(tmp_path, model_dir, [{"type": "lora"}], resources={"gpus_per_worker": 0.5})
+    assert_user_error(plan_cli(path), "resources.gpus_per_worker: use 0 (CPU workers) or 1", "(got 0.5)")
     (tmp_path / "bad.yaml").write_text("name: x\nsearch: [\n")
     assert_user_error(plan_cli(tmp_path / "bad.yaml"), "malformed YAML", "line")
     assert_user_error(plan_cli(tmp_path / "absent.yaml"), "file not found")
