@@ -28,24 +28,24 @@ def test_nothing_secret_is_kept_by_a_local_sweep(tmp_path, tiny_model, mlflow_se
     password = f"uri-password-{uuid.uuid4().hex[:12]}"
     with_password = mlflow_server.uri.replace("http://", f"http://sweeper:{password}@")
     spec = write_spec(tmp_path, "secrets-local", tiny_model, mlflow_server.uri, ONE_TRIAL)
-    ray_tmp = Path(tempfile.mkdtemp(prefix="rs-", dir="/tmp"))  # short: Ray's socket paths live under it
+    # The embedded runtime's session folder goes under $RAY_TMPDIR/ray; short, since Ray's
+    # socket paths live under it.
+    ray_tmp = Path(tempfile.mkdtemp(prefix="rs-", dir="/tmp"))
     env = {**os.environ, **secrets, "RAY_TMPDIR": str(ray_tmp), "PYTHONUNBUFFERED": "1"}
     env.pop("MLFLOW_TRACKING_URI", None)
-    try:
-        result = subprocess.run([sys.executable, "-m", "sweep", "run", str(spec), "--quiet", "--tracking-uri",
-                                 with_password], env=env, capture_output=True, text=True, timeout=900)
-        assert result.returncode == 0, show(result)
-        _, children = sweep_runs(mlflow_server, "secrets-local")
-        assert [c["info"]["status"] for c in children] == ["FINISHED"]  # rank 0 logged with the credentials
-        state = json.loads((tmp_path / "runs" / "secrets-local" / "sweep_state.json").read_text())
-        assert state["tracking_uri"] == mlflow_server.uri and state["tracking_credentials"]
-        values = [*secrets.values(), password]
-        assert not [v for v in values if v in result.stdout + result.stderr], show(result)
-        sessions = list(ray_tmp.glob("session_*"))
-        assert sessions and list(ray_tmp.glob("session_*/logs/runtime_env_agent.log"))  # what is searched exists
-        assert files_holding([tmp_path / "runs", mlflow_server.root, ray_tmp], values) == []
-    finally:
-        shutil.rmtree(ray_tmp, ignore_errors=True)
+    result = subprocess.run([sys.executable, "-m", "sweep", "run", str(spec), "--quiet", "--tracking-uri",
+                            with_password], env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, show(result)
+    _, children = sweep_runs(mlflow_server, "secrets-local")
+    assert [c["info"]["status"] for c in children] == ["FINISHED"]  # rank 0 logged with the credentials
+    state = json.loads((tmp_path / "runs" / "secrets-local" / "sweep_state.json").read_text())
+    assert state["tracking_uri"] == mlflow_server.uri and state["tracking_credentials"]
+    values = [*secrets.values(), password]
+    assert not [v for v in values if v in result.stdout + result.stderr], show(result)
+    sessions = list(ray_tmp.glob("ray/session_2*"))  # this sweep's own Ray session
+    assert len(sessions) == 1 and (sessions[0] / "logs" / "runtime_env_agent.log").is_file()
+    assert files_holding([tmp_path / "runs", mlflow_server.root, sessions[0]], values) == []
+    shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
 def test_a_forwarded_variable_reaches_rank_0_and_nothing_keeps_it(tmp_path, tiny_model, mlflow_server, ray_cluster):
