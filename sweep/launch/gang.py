@@ -44,17 +44,12 @@ def assign_devices(placements: list[tuple[str, list[str]]]) -> list[tuple[str | 
     peer-to-peer and NVLink transfers; Ray Train shows co-located workers the union of their
     GPUs and each selects its own by index. So do the ranks of a gang. Ranks without GPUs
     get (None, 0)."""
-    union: dict[str, list[str]] = {}
+    union: dict[str, set[str]] = {}
     for node, gpus in placements:
-        union.setdefault(node, [])
-        union[node] = sorted(set(union[node]) | set(gpus), key=lambda g: (len(g), g))
-    out: list[tuple[str | None, int]] = []
-    for node, gpus in placements:
-        if not gpus:
-            out.append((None, 0))
-        else:
-            out.append((",".join(union[node]), union[node].index(gpus[0])))
-    return out
+        union.setdefault(node, set()).update(gpus)
+    visible = {node: sorted(ids, key=lambda g: (len(g), g)) for node, ids in union.items()}  # numeric order
+    return [(",".join(visible[node]), visible[node].index(gpus[0])) if gpus else (None, 0)
+            for node, gpus in placements]
 
 
 class GangWorker:

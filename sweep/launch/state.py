@@ -88,8 +88,8 @@ def locate(name_or_path: str) -> str:
         elif p.is_file() and p.suffix in (".yaml", ".yml"):
             candidates.extend(_from_spec(p))
         candidates.append(str((Path.cwd() / "runs" / name_or_path).resolve()))
-        if INDEX.get(name_or_path):
-            candidates.append(INDEX.get(name_or_path))
+        if indexed := INDEX.get(name_or_path):
+            candidates.append(indexed)
     for c in candidates:
         if read_bytes(join(c, STATE_FILE)) is not None:
             return c
@@ -107,6 +107,6 @@ def _from_spec(spec_path: Path) -> list[str]:
     if not isinstance(name, str):
         return []
     out = [str((spec_path.resolve().parent / "runs" / name))]
-    if INDEX.get(name):
-        out.append(INDEX.get(name))
+    if indexed := INDEX.get(name):
+        out.append(indexed)
     return out

@@ -50,7 +50,6 @@ def sweep_trial(config: dict[str, Any], ctx: LaunchContext) -> None:
         # report the recorded result, train nothing.
         tune.report({**ctx.finished[cfg.trial_id], "step": cfg.trainer.max_steps, "reused": 1})
         return
-    family = FAMILIES[cfg.adapter.type]
     tune_trial_id = tune.get_context().get_trial_id() or "local"
     attempt = uuid.uuid4().hex
     loop_config = worker_config(ctx, cfg, tune_trial_id=tune_trial_id, attempt=attempt, fn_started=fn_started)
@@ -65,7 +64,7 @@ def sweep_trial(config: dict[str, Any], ctx: LaunchContext) -> None:
         for rank, failure in sorted((getattr(err, "worker_failures", None) or {}).items()):
             detail += f"\n--- worker rank {rank} ---\n{failure}\n"
         try:
-            _record_failure(ctx, cfg, family.variant(cfg.adapter), tune_trial_id, attempt, message, detail)
+            _record_failure(ctx, cfg, loop_config["run"]["variant"], tune_trial_id, attempt, message, detail)
         except Exception as log_err:  # MLflow unreachable: the Tune error still says why
             log.warning("could not record the failure of %s in MLflow: %s", cfg.trial_id, log_err)
         raise TrialFailed(message) from None

@@ -62,6 +62,7 @@ MAX_TAG_CHARS = 4000  # a tag value MLflow stores whatever the backend
 # --- where the store is --------------------------------------------------------------------
 DEFAULT_URI = "sqlite:///mlflow.db"
 HEALTH_TIMEOUT_S = 10.0  # fail in seconds, not after MLflow's minutes of retries
+PAGE_SIZE = 1000  # runs per search request (MLflow's maximum page)
 
 
 def tracking_uri(cli_uri: str | None = None, spec_uri: str | None = None, spec_dir: Path | None = None) -> str:
@@ -150,7 +151,7 @@ def client(uri: str) -> MlflowClient:
 
 def children(c: MlflowClient, experiment_id: str, parent_run_id: str, trial_id: str | None = None,
              deleted: bool = False) -> list[Run]:
-    """The parent's child runs, oldest first, a page of 1000 per request."""
+    """The parent's child runs, oldest first, one request per PAGE_SIZE runs."""
     from mlflow.entities import ViewType
 
     flt = f"tags.`{PARENT_TAG}` = '{parent_run_id}'"
@@ -160,7 +161,7 @@ def children(c: MlflowClient, experiment_id: str, parent_run_id: str, trial_id: 
     token = None
     while True:
         page = c.search_runs([experiment_id], flt, run_view_type=ViewType.ALL if deleted else ViewType.ACTIVE_ONLY,
-                             max_results=1000, order_by=["attributes.start_time ASC"], page_token=token)
+                             max_results=PAGE_SIZE, order_by=["attributes.start_time ASC"], page_token=token)
         runs.extend(page)
         token = page.token
         if not token:

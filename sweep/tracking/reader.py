@@ -29,9 +29,6 @@ if TYPE_CHECKING:
     from mlflow import MlflowClient
     from mlflow.entities import Run
 
-PAGE_SIZE = 1000
-
-
 @dataclass(frozen=True)
 class TrialRun:
     """One child run, reduced to what the table, plots and exports read."""
