@@ -211,6 +211,10 @@ def _start_nodes(root: Path, cpus: list[int], resources: list[dict[str, float]],
         # unpack a job's working dir into the same path, the later replacing the folder the
         # job's driver already runs in. Short, since Ray's socket paths live under it.
         temp_dirs.append(tempfile.mkdtemp(prefix="ray-", dir="/tmp"))
+        # Each node its own dashboard-agent port too: on one machine the second node's agent
+        # cannot bind the default 52365, dies, and the job server then answers a submission
+        # with "No available agent to submit job" whenever it picks that node (measured).
+        cmd = cmd + ["--dashboard-agent-listen-port", str(free_port())]
         cmd = cmd + ["--block", "--node-ip-address", "127.0.0.1", "--num-cpus", str(n_cpus), "--num-gpus", "0",
                      "--temp-dir", temp_dirs[-1], "--disable-usage-stats"] + (
                          ["--resources", json.dumps(res)] if res else [])
