@@ -88,7 +88,7 @@ def plain_loop(steps: int, batch: int, out: Path) -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     tokenizer = AutoTokenizer.from_pretrained(MODEL)
     data = DataConfig(train=str(DATA / "train.jsonl"), eval=str(DATA / "eval.jsonl"), max_length=32)
-    examples = load_splits(data, tokenizer, 0).train
+    examples = load_splits(data, tokenizer).train
     batches = train_batches(examples, batch, rank, world, 0)
 
     torch.manual_seed(0)

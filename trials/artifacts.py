@@ -17,6 +17,11 @@ if TYPE_CHECKING:
 ADAPTER_DIR = "adapter"
 INITIAL_ADAPTER_DIR = "initial_adapter"
 PROBE_FILE = "probe_logits.pt"
+TRIAL_FILE = "trial.json"
+METRICS_FILE = "metrics.json"
+# One row per evaluated example of the final evaluation, in a stable order (see trials.evaluate).
+PREDICTIONS_FILE = "predictions.jsonl"
+TEST_PREDICTIONS_FILE = "test_predictions.jsonl"
 # The one list of packages whose versions a result records: the trial's metrics.json, the
 # sweep's parent run tags and the PEFT method_comparison export all read it.
 PACKAGES = ("peft-sweep", "torch", "deepspeed", "peft", "transformers", "tokenizers", "datasets", "accelerate",
@@ -83,6 +88,10 @@ def write_bytes_atomic(path: Path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
+    write_bytes_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode())
 
 
 def write_json(path: Path, data: Any) -> None:

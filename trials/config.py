@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from trials.adapters import AdapterFields, family_of
 from trials.strict import Strict
@@ -26,8 +27,13 @@ class DataConfig(Strict):
     train: str = Field(description="Training data: .jsonl, .csv, .parquet or a saved HF datasets directory.")
     eval: str | None = Field(None, description="Evaluation data in the same formats; or use eval_fraction.")
     eval_fraction: float | None = Field(
-        None, gt=0, lt=1, description="Hold out this fraction of train as eval when no eval file is given (default 0.1)."
+        None, gt=0, lt=1, description="Hold out this fraction of train as eval when no eval file is given (default 0.1); "
+                                      "the same examples for every trial of a sweep, whatever its seed."
     )
+    test: str | None = Field(None, description="Test data in the eval formats: evaluated once, at the end, with the "
+                                               "final adapter (test_* metrics); never used for ranking.")
+    forgetting: str | None = Field(None, description="Unrelated text (.txt, one document per line, or .jsonl with a "
+                                                     "`text` field): CE with the trained adapter minus CE of the base.")
     prompt_field: str = "prompt"
     response_field: str = "response"
     max_length: int = Field(256, ge=8, description="Tokens per example (prompt + response) after truncation.")
@@ -37,6 +43,29 @@ class DataConfig(Strict):
         if self.eval is not None and self.eval_fraction is not None:
             raise ValueError("give either data.eval or data.eval_fraction, not both")
         return self
+
+
+class EvaluationConfig(Strict):
+    generate: bool = Field(False, description="Greedy-decode the response of every eval (and test) example: "
+                                              "eval_exact_match, and eval_answer_accuracy with answer_pattern.")
+    max_new_tokens: int = Field(64, ge=1, description="Tokens generated per example at most.")
+    answer_pattern: str | None = Field(None, description="Regex whose first group extracts the answer from a "
+                                                         "response, e.g. '####\\s*(-?[0-9.,]+)'.")
+    generate_at: Literal["final", "every"] = Field("final", description="Generate at the final evaluation only, or "
+                                                                         "at every evaluation (slow).")
+
+    @field_validator("answer_pattern")
+    @classmethod
+    def _one_group(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        try:
+            groups = re.compile(value).groups
+        except re.error as err:
+            raise ValueError(f"not a valid regular expression ({err})") from None
+        if groups < 1:
+            raise ValueError("needs a group around the answer, e.g. '####\\s*(-?[0-9.,]+)'")
+        return value
 
 
 class TrainerConfig(Strict):
@@ -64,6 +93,7 @@ class TrialConfig(Strict):
     trainer: TrainerConfig = TrainerConfig()
     seed: int = 0
     deepspeed: DeepSpeedConfig = DeepSpeedConfig()
+    evaluation: EvaluationConfig = EvaluationConfig()
 
     def content_id(self) -> str:
         """Stable id from the trial's content (everything but the id itself)."""

@@ -28,16 +28,32 @@ IGNORE = -100
 DEFAULT_EVAL_FRACTION = 0.1
 
 
+# The held-out eval split of `data.eval_fraction` is drawn with this seed, not the trial's:
+# every trial of a sweep then evaluates the same examples, so they compare item by item.
+SPLIT_SEED = 0
+
+
 @dataclass(frozen=True)
 class Example:
     input_ids: list[int]
     labels: list[int]  # IGNORE on the prompt; the response tokens and EOS otherwise
+    index: int = -1  # the example's row (0-based) in its file; -1 for a filler
+    target: str = ""  # the response as written in the data
+
+    @property
+    def prompt_len(self) -> int:
+        n = 0
+        while n < len(self.labels) and self.labels[n] == IGNORE:
+            n += 1
+        return n
 
 
 @dataclass(frozen=True)
 class Splits:
     train: list[Example]
     eval: list[Example]
+    test: list[Example] = ()  # type: ignore[assignment]
+    forgetting: list[Example] = ()  # type: ignore[assignment]
 
 
 # --- reading --------------------------------------------------------------------------
@@ -143,12 +159,12 @@ def tokenize(pairs: list[tuple[str, str]], tokenizer: PreTrainedTokenizerBase, m
     responses = tokenizer([r for _, r in pairs], add_special_tokens=False)["input_ids"]
     eos = tokenizer.eos_token_id
     out: list[Example] = []
-    for prompt, response in zip(prompts, responses):
+    for index, (prompt, response, (_, text)) in enumerate(zip(prompts, responses, pairs)):
         ids = (list(prompt) + list(response) + [eos])[:max_length]
         n_prompt = min(len(prompt), len(ids))
         if n_prompt == len(ids):
             continue
-        out.append(Example(ids, [IGNORE] * n_prompt + ids[n_prompt:]))
+        out.append(Example(ids, [IGNORE] * n_prompt + ids[n_prompt:], index, text))
     dropped = len(pairs) - len(out)
     if not out:
         longest = max(len(p) for p in prompts)
@@ -160,23 +176,59 @@ def tokenize(pairs: list[tuple[str, str]], tokenizer: PreTrainedTokenizerBase, m
     return out
 
 
-def load_splits(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int) -> Splits:
-    """Train and eval examples; without data.eval, a seed-shuffled eval_fraction of train."""
+def read_texts(path: str | Path) -> list[str]:
+    """Documents of `data.forgetting`: the non-empty lines of a .txt file, or the `text` field
+    of each row of any other data format."""
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise TrialError(f"data.forgetting {str(path)!r}: no such file or directory")
+    if p.suffix == ".txt":
+        texts = [line.strip() for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
+    else:
+        texts = [_field(p, where, row, "text", "forgetting") for where, row in _rows(p, "forgetting")]
+    if not texts:
+        raise TrialError(f"{p}: no text (the forgetting data is empty)")
+    return texts
+
+
+def tokenize_texts(texts: list[str], tokenizer: PreTrainedTokenizerBase, max_length: int) -> list[Example]:
+    """Plain text scored on every token after the first (the loss of a language model on it)."""
+    out = []
+    for index, ids in enumerate(tokenizer(texts)["input_ids"]):
+        ids = list(ids)[:max_length]
+        if len(ids) >= 2:
+            out.append(Example(ids, [IGNORE] + ids[1:], index))
+    if not out:
+        raise TrialError("data.forgetting: no document has two tokens or more")
+    return out
+
+
+def load_splits(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase) -> Splits:
+    """Train, eval, test and forgetting examples; without data.eval, a fixed eval_fraction of
+    train (the same for every trial, see SPLIT_SEED)."""
     import torch
 
-    train_pairs = read_pairs(cfg.train, cfg.prompt_field, cfg.response_field, "train")
+    def split(name: str) -> list[Example]:
+        path = getattr(cfg, name)
+        pairs = read_pairs(path, cfg.prompt_field, cfg.response_field, name)
+        return tokenize(pairs, tokenizer, cfg.max_length, path)
+
+    extra: dict[str, list[Example]] = {}
+    if cfg.test is not None:
+        extra["test"] = split("test")
+    if cfg.forgetting is not None:
+        extra["forgetting"] = tokenize_texts(read_texts(cfg.forgetting), tokenizer, cfg.max_length)
     if cfg.eval is not None:
-        eval_pairs = read_pairs(cfg.eval, cfg.prompt_field, cfg.response_field, "eval")
-        return Splits(tokenize(train_pairs, tokenizer, cfg.max_length, cfg.train),
-                      tokenize(eval_pairs, tokenizer, cfg.max_length, cfg.eval))
-    examples = tokenize(train_pairs, tokenizer, cfg.max_length, cfg.train)
+        return Splits(split("train"), split("eval"), **extra)
+    examples = split("train")
     fraction = cfg.eval_fraction if cfg.eval_fraction is not None else DEFAULT_EVAL_FRACTION
     if len(examples) < 2:
         raise TrialError(f"{cfg.train}: {len(examples)} usable example(s); holding out eval needs at least 2 "
                          f"(or give data.eval)")
     n_eval = min(len(examples) - 1, max(1, round(fraction * len(examples))))
-    order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed)).tolist()
-    return Splits([examples[i] for i in order[n_eval:]], [examples[i] for i in order[:n_eval]])
+    order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(SPLIT_SEED)).tolist()
+    held_out = sorted(order[:n_eval])  # in file order, like an eval file
+    return Splits([examples[i] for i in order[n_eval:]], [examples[i] for i in held_out], **extra)
 
 
 # --- batching -------------------------------------------------------------------------

@@ -51,6 +51,15 @@ METRICS: dict[str, Metric] = {
     "early_stopped": Metric("bool", "none", "1 when a reporter stopped the trial before max_steps"),
 }
 
+# Measured by greedy generation (evaluation.generate), and what every evaluation reports.
+GENERATED = frozenset({"eval_exact_match", "eval_answer_accuracy", "test_exact_match", "test_answer_accuracy"})
+EVERY_EVALUATION = frozenset({"eval_loss", "eval_perplexity", "eval_token_accuracy"})
+# What a sweep may rank by: eval-split quality first, then anything else with a direction.
+RANKABLE = tuple(["eval_loss", "eval_token_accuracy", "eval_exact_match", "eval_answer_accuracy"] + sorted(
+    k for k, m in METRICS.items()
+    if m.goal != "none" and not k.startswith("test_")
+    and k not in ("eval_loss", "eval_token_accuracy", "eval_exact_match", "eval_answer_accuracy")))
+
 
 class Reporter(Protocol):
     """Receives a trial's measurements. Called on every rank; implementations decide who logs."""

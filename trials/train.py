@@ -17,9 +17,10 @@ from typing import TYPE_CHECKING, Any
 from trials import artifacts
 from trials.adapters import Calibration, effective_values, family_of
 from trials.config import TrialConfig
-from trials.data import IGNORE, Example, calibration_examples, collate, eval_batches, load_splits, train_batches
+from trials.data import Example, calibration_examples, collate, eval_batches, load_splits, train_batches
 from trials.dist import AgreedFlag, World, all_sum, broadcast, current_world, ensure_process_group, import_deepspeed, same_on_all_ranks
 from trials.errors import TrialError
+from trials.evaluate import Evaluator, gather_records
 from trials.metrics import NullReporter, Reporter
 from trials.model import count_params, load_model, load_tokenizer, resolve_dtype
 
@@ -127,6 +128,10 @@ class _Trial:
     steps: list[dict[str, float]] = field(default_factory=list)
     # Set while preparing:
     pad_id: int = 0
+    evaluator: Evaluator | None = None
+    forgetting_before: float | None = None
+    records: list[dict[str, Any]] = field(default_factory=list)  # this rank's, of the latest evaluation
+    generate_s: float = 0.0
     adapter_params: list[Any] = field(default_factory=list)
     initial: Path | None = None  # the saved initial adapter, for inits that rewrite base weights
     scheduler: Any = None
@@ -151,6 +156,7 @@ class _Trial:
         info["engine"] = {"zero_stage": int(engine.zero_optimization_stage()), "dp_world_size": int(engine.dp_world_size)}
         try:
             result = self._train(engine, splits.train, splits.eval, info)
+            result.update(self._final(engine, splits))
             self._probe(engine, splits.eval)
             artifacts.save_adapter(engine.module, self.out / artifacts.ADAPTER_DIR, self.adapter_params,
                                    initial=self.initial, is_main=self.is_main)
@@ -180,11 +186,18 @@ class _Trial:
         cfg, family, f = self.cfg, family_of(self.cfg.adapter), self.cfg.adapter
         tokenizer = load_tokenizer(cfg.model)
         self.pad_id = tokenizer.pad_token_id
-        splits = load_splits(cfg.data, tokenizer, cfg.seed)  # bad data fails here, before the model loads
-        log.info("data: %d train, %d eval examples", len(splits.train), len(splits.eval))
+        splits = load_splits(cfg.data, tokenizer)  # bad data fails here, before the model loads
+        log.info("data: %d train, %d eval, %d test examples", len(splits.train), len(splits.eval), len(splits.test))
         dtype = resolve_dtype(cfg.deepspeed.precision, self.world.device.type == "cuda")
         model = load_model(cfg.model, dtype).to(self.world.device)
         base_params = count_params(model)[1]
+        self.evaluator = Evaluator(cfg.evaluation, tokenizer, self.world.device,
+                                   synced_generation=cfg.deepspeed.zero_stage == 3 and self.world.size > 1)
+        if splits.forgetting:
+            # The base model itself, before any adapter exists: for PiSSA-like inits, which
+            # rewrite base weights, "adapter disabled" after wrapping is not the base any more.
+            model.eval()
+            self.forgetting_before = self.evaluator.loss(model, self._shard(splits.forgetting))
         base_ids = {id(p) for p in model.parameters()}
 
         # Random and data-dependent inits must agree on every rank (ZeRO-3 keeps each rank's
@@ -219,6 +232,7 @@ class _Trial:
             "device": self.world.device.type,
             "train_examples": len(splits.train),
             "eval_examples": len(splits.eval),
+            "test_examples": len(splits.test),
         }
         return model, splits, dtype, info
 
@@ -243,24 +257,26 @@ class _Trial:
     def _train(self, engine, train: list[Example], eval_: list[Example], info: dict[str, Any]) -> dict[str, Any]:
         tc, rank, size = self.cfg.trainer, self.world.rank, self.world.size
         batches = train_batches(train, tc.batch_size, rank, size, self.cfg.seed)
-        evals = eval_batches(eval_, tc.batch_size, rank, size, tc.eval_batches)
+        evals = self._shard(eval_, tc.eval_batches)
         setup_s = time.perf_counter() - self.started
         log.info("DeepSpeed ready (ZeRO stage %d, %d workers)", self.cfg.deepspeed.zero_stage, size)
         before = self._evaluate(engine, evals, 0)
-        tokens, train_s, last_loss = 0, 0.0, float("nan")
+        tokens, samples, train_s, last_loss = 0, 0, 0.0, float("nan")
         nonfinite = AgreedFlag(self.world.device)
         for step in range(1, tc.max_steps + 1):
             t0 = time.perf_counter()
             lr = self.scheduler.get_last_lr()[0]
             losses = []
             for _ in range(tc.gradient_accumulation_steps):
-                batch = self.to_device(collate(next(batches), self.pad_id))
-                tokens += int(batch["attention_mask"].sum())
-                loss = engine(**batch).loss
+                cpu_batch = collate(next(batches), self.pad_id)
+                # Counted on the host copy: reading a device tensor would wait for the GPU.
+                tokens += int(cpu_batch["attention_mask"].sum())
+                samples += len(cpu_batch["input_ids"])
+                loss = engine(**self.to_device(cpu_batch)).loss
                 engine.backward(loss)
                 engine.step()
-                losses.append(loss.item())
-            last_loss = sum(losses) / len(losses)
+                losses.append(loss.detach())
+            last_loss = float(sum(losses)) / len(losses)  # one device read per optimizer step
             # Decided together, so no rank raises while the others wait in a collective; in the
             # background, so no step waits for it (a per-step barrier cost ~10 % of throughput).
             evaluating = step % tc.eval_every == 0 or step == tc.max_steps
@@ -277,9 +293,11 @@ class _Trial:
                 # Decided together: a rank whose reporter missed the decision must not train on alone.
                 if step < tc.max_steps and all_sum([1.0 if self.stop_requested else 0.0], self.world.device)[0]:
                     break
-        total_tokens = all_sum([float(tokens)], self.world.device)[0]
+        total_tokens, total_samples = all_sum([float(tokens), float(samples)], self.world.device)
         return {
             **final,
+            "train_tokens": total_tokens,
+            "train_samples": total_samples,
             "eval_loss_before": before["eval_loss"],
             "train_loss": last_loss,
             "learning_rate": lr,
@@ -293,34 +311,57 @@ class _Trial:
             "train_s": train_s,
         }
 
-    def _evaluate(self, engine, batches: list[list[Example]], step: int) -> dict[str, float]:
-        """Mean CE and greedy accuracy over the response tokens of all ranks' eval shards."""
-        import torch
-        import torch.nn.functional as F
+    def _shard(self, examples: list[Example], cap: int | None = None) -> list[list[Example]]:
+        return eval_batches(examples, self.cfg.trainer.batch_size, self.world.rank, self.world.size, cap)
 
+    def _evaluate(self, engine, batches: list[list[Example]], step: int) -> dict[str, float]:
+        """Eval metrics over all ranks' shards (generation too with evaluation.generate_at:
+        every); reported, and this rank's per-example records kept for predictions.jsonl."""
+        ev = self.cfg.evaluation
+        generate = ev.generate and ev.generate_at == "every" and step > 0
         engine.eval()
-        loss_sum = correct = count = 0.0
-        with torch.no_grad():
-            for b in batches:
-                batch = self.to_device(collate(b, self.pad_id))
-                logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-                logits, labels = logits[:, :-1].float(), batch["labels"][:, 1:]
-                mask = labels != IGNORE
-                loss_sum += F.cross_entropy(logits[mask], labels[mask], reduction="sum").item()
-                correct += (logits[mask].argmax(-1) == labels[mask]).sum().item()
-                count += mask.sum().item()
+        started = time.perf_counter()
+        metrics, self.records = self.evaluator.split(engine.module, engine, batches, "eval", generate=generate)
+        if generate:
+            self.generate_s += time.perf_counter() - started
         engine.train()
-        loss_sum, correct, count = all_sum([loss_sum, correct, count], self.world.device)
-        loss = loss_sum / count
-        metrics = {
-            "step": step,
-            "eval_loss": loss,
-            "eval_perplexity": math.exp(loss) if loss < 700 else math.inf,
-            "eval_token_accuracy": correct / count,
-        }
+        metrics = {"step": step, **metrics}
         self.evals.append(metrics)
         self.stop_requested = bool(self.reporter.on_eval(step, dict(metrics)))
         return metrics
+
+    def _final(self, engine, splits) -> dict[str, Any]:
+        """After training, with the final adapter: generation on eval when it has not run at
+        the last evaluation, the test split, forgetting; predictions written by rank 0."""
+        ev, cfg = self.cfg.evaluation, self.cfg
+        out: dict[str, Any] = {}
+        engine.eval()
+        if ev.generate and "eval_exact_match" not in self.evals[-1]:
+            started = time.perf_counter()
+            out.update(self.evaluator.add_generation(engine.module, self._shard(splits.eval, cfg.trainer.eval_batches),
+                                                     self.records, "eval"))
+            self.generate_s += time.perf_counter() - started
+            self.evals[-1].update(out)
+        files = {artifacts.PREDICTIONS_FILE: gather_records(self.records)}
+        if splits.test:
+            started = time.perf_counter()
+            test, records = self.evaluator.split(engine.module, engine, self._shard(splits.test), "test",
+                                                 generate=ev.generate)
+            if ev.generate:
+                self.generate_s += time.perf_counter() - started
+            out.update(test)
+            files[artifacts.TEST_PREDICTIONS_FILE] = gather_records(records)
+        if self.forgetting_before is not None:
+            after = self.evaluator.loss(engine, self._shard(splits.forgetting))
+            out.update(forgetting_before=self.forgetting_before, forgetting_after=after,
+                       forgetting=after - self.forgetting_before)
+        if ev.generate:
+            out["generate_s"] = self.generate_s
+        engine.train()
+        if self.is_main:
+            for name, rows in files.items():
+                artifacts.write_jsonl(self.out / name, rows)
+        return out
 
     def _probe(self, engine, eval_: list[Example]) -> None:
         """Logits of the trained model on a fixed batch, so a reload can be checked against them.

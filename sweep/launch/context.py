@@ -50,6 +50,7 @@ class LaunchContext:
     reuse_workers: bool = True  # sweep.launch.gang: keep each trial's workers for the next trial
     forwarded: list[str] = field(default_factory=list)  # names the workers read from sweep.launch.forwarding
     collective_timeout_s: float = 1800.0  # torch.distributed's timeout in a kept gang
+    metric: str = "eval_loss"  # what Tune ranks by: a report without it is not sent (Tune refuses it)
     _sampled: dict[str, TrialConfig] = field(default_factory=dict, repr=False, compare=False)
 
     def trial(self, config: dict[str, Any]) -> TrialConfig:

@@ -60,6 +60,7 @@ def build_context(spec, plan, *, tracking_uri: str, experiment_id: str, parent_r
         worker_env=worker_env(spec),
         reuse_workers=spec.resources.reuse_workers,
         collective_timeout_s=spec.resources.collective_timeout_s,
+        metric=spec.metric.name,
     )
     if ray.is_initialized() and ray.cluster_resources().get(DRIVER_RESOURCE):
         ctx.trial_fn_resources[DRIVER_RESOURCE] = 0.001

@@ -89,6 +89,7 @@ def worker_config(ctx: LaunchContext, cfg: TrialConfig, *, tune_trial_id: str, a
             "fn_started": fn_started,
             "reuse_workers": ctx.reuse_workers,
             "forwarded": list(ctx.forwarded),
+            "metric": ctx.metric,
         },
         "adapter_block": family.ludwig(cfg.adapter),
     }

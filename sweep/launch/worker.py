@@ -32,9 +32,11 @@ class RayReporter:
     adapter and closed the run: a scheduler may stop a trial at any report (ASHA's top rung can
     coincide with the last one), and nothing the trial produced may be lost to that."""
 
-    def __init__(self, report, max_steps: int, decision_board: str | None = None, tune_trial_id: str = ""):
+    def __init__(self, report, max_steps: int, decision_board: str | None = None, tune_trial_id: str = "",
+                 metric: str = "eval_loss"):
         self._report = report
         self.max_steps = max_steps
+        self.metric = metric
         self.decision_board = decision_board
         self.tune_trial_id = tune_trial_id
 
@@ -45,7 +47,9 @@ class RayReporter:
         pass
 
     def on_eval(self, step, metrics):
-        if not 0 < step < self.max_steps:
+        # Evaluations without the ranking metric (generation only at the end) are not sent:
+        # Tune rejects a result that lacks it. The plan refuses ASHA in that case.
+        if not 0 < step < self.max_steps or self.metric not in metrics:
             return False
         self._report({**metrics, "step": step})
         return should_stop(self.decision_board, self.tune_trial_id, step)
@@ -117,7 +121,8 @@ def run_worker(config: dict[str, Any], rank: int, report) -> None:
     try:
         run_trial(cfg, out, Fanout(mlflow_reporter, RayReporter(report, cfg.trainer.max_steps,
                                                                 config["run"].get("decision_board"),
-                                                                config["run"]["tune_trial_id"])))
+                                                                config["run"]["tune_trial_id"],
+                                                                config["run"].get("metric", "eval_loss"))))
     finally:
         mlflow_reporter.close()
         shutil.rmtree(out, ignore_errors=True)

@@ -103,7 +103,11 @@ def _resolve_data(data: DataConfig, spec_dir: Path) -> DataConfig:
     def resolve(p: str | None) -> str | None:
         return None if p is None else str((spec_dir / Path(p).expanduser()).resolve())
 
-    return data.model_copy(update={"train": resolve(data.train), "eval": resolve(data.eval)})
+    return data.model_copy(update={name: resolve(getattr(data, name)) for name in DATA_FILES})
+
+
+# The data fields that name files (resolved against the spec's folder).
+DATA_FILES = ("train", "eval", "test", "forgetting")
 
 
 @dataclass(frozen=True)
@@ -117,11 +121,13 @@ class TrialInputs:
     data: DataConfig
     deepspeed: Any
     resolved: dict[str, Any]
+    evaluation: Any = None
 
 
 def trial_inputs(spec: SweepSpec, spec_dir: Path) -> TrialInputs:
     model = ModelConfig(base_model=resolve_model(spec.model.base_model, spec_dir), trust_remote_code=spec.model.trust_remote_code)
-    return TrialInputs(spec.model, spec.data, spec.deepspeed, {"model": model, "data": _resolve_data(spec.data, spec_dir)})
+    return TrialInputs(spec.model, spec.data, spec.deepspeed, {"model": model, "data": _resolve_data(spec.data, spec_dir)},
+                       spec.evaluation)
 
 
 def build_trial(inputs: TrialInputs, adapter: dict[str, Any], trainer: dict[str, Any], seed: int) -> TrialConfig:
@@ -133,6 +139,7 @@ def build_trial(inputs: TrialInputs, adapter: dict[str, Any], trainer: dict[str,
         trainer=TrainerConfig(**trainer),
         seed=seed,
         deepspeed=inputs.deepspeed,
+        **({"evaluation": inputs.evaluation} if inputs.evaluation is not None else {}),
     ).with_id()
     return as_written.model_copy(update=inputs.resolved)
 

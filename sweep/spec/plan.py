@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from sweep.errors import SpecError
-from sweep.spec.expand import Candidate, Expansion, Rejected, expand, resolve_model
+from sweep.spec.expand import DATA_FILES, Candidate, Expansion, Rejected, expand, resolve_model
 from sweep.spec.schema import SweepSpec
 from trials.adapters import FAMILIES, Issue, PlanContext, TargetShape
 from trials.config import TrialConfig
@@ -199,7 +199,7 @@ def load_model_config(base_model: str, trust_remote_code: bool = False):
 
 def _check_data(spec: SweepSpec, spec_dir: Path) -> list[str]:
     lines = []
-    for name in ("train", "eval"):
+    for name in DATA_FILES:
         value = getattr(spec.data, name)
         if value is not None and not (spec_dir / Path(value).expanduser()).exists():
             lines.append(f"data.{name}: file not found: {value} (relative paths resolve against {spec_dir})")

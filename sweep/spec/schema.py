@@ -20,7 +20,8 @@ from pydantic import (BeforeValidator, Discriminator, Field, Tag, ValidationErro
 from sweep.errors import SpecError
 from sweep.spec.messages import validation_lines
 from trials.adapters import FAMILIES
-from trials.config import DataConfig, DeepSpeedConfig, ModelConfig, TrainerConfig
+from trials.config import DataConfig, DeepSpeedConfig, EvaluationConfig, ModelConfig, TrainerConfig
+from trials.metrics import EVERY_EVALUATION, GENERATED, METRICS, RANKABLE
 from trials.strict import Strict
 
 
@@ -147,8 +148,41 @@ class SearchSpec(Strict):
 
 
 class MetricSpec(Strict):
-    name: str = "eval_loss"
-    goal: Literal["minimize", "maximize"] = "minimize"
+    name: str = Field("eval_loss", description="What ranks the trials: a metric of the eval split (trials.metrics).")
+    goal: Literal["minimize", "maximize"] = Field("minimize", description="Defaults to the metric's own direction.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_goal(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "goal" not in data:
+            known = METRICS.get(data.get("name", "eval_loss"))
+            if known is not None and known.goal != "none":
+                data = {**data, "goal": known.goal}
+        return data
+
+    @field_validator("name")
+    @classmethod
+    def _known_metric(cls, name: str) -> str:
+        quality = ", ".join(RANKABLE[:4])
+        if name not in METRICS:
+            raise ValueError(f"no trial reports {name!r}; use {quality}, or a cost such as tokens_per_s or "
+                             "peak_memory_mb")
+        if name.startswith("test_"):
+            raise ValueError(f"{name} is measured on data.test to report beside the ranking, never to rank (that "
+                             f"would select on the test set); use {name.replace('test_', 'eval_', 1)}")
+        if METRICS[name].goal == "none":
+            raise ValueError(f"{name} has no better direction; use {quality}")
+        return name
+
+    @field_validator("goal")
+    @classmethod
+    def _goal_matches(cls, goal: str, info) -> str:
+        name = info.data.get("name")
+        direction = METRICS[name].goal if name in METRICS else goal
+        if goal != direction:
+            raise ValueError(f"{name} is better when {'lower' if direction == 'minimize' else 'higher'}; use goal: "
+                             f"{direction} (or leave goal out)")
+        return goal
 
 
 class FifoScheduler(Strict):
@@ -205,6 +239,25 @@ class SweepSpec(Strict):
     deepspeed: DeepSpeedConfig = DeepSpeedConfig()
     tracking: TrackingSpec = TrackingSpec()
     failure: FailureSpec = FailureSpec()
+    evaluation: EvaluationConfig = EvaluationConfig()
+
+    @model_validator(mode="after")
+    def _metric_is_measured(self) -> SweepSpec:
+        name, ev = self.metric.name, self.evaluation
+        if name in GENERATED and not ev.generate:
+            raise ValueError(f"metric.name: {name} is measured by generation; set evaluation.generate: true")
+        if name.endswith("_answer_accuracy") and ev.answer_pattern is None:
+            raise ValueError(f"metric.name: {name} compares extracted answers; set evaluation.answer_pattern "
+                             "(a regex whose group is the answer)")
+        if name.startswith("forgetting") and self.data.forgetting is None:
+            raise ValueError(f"metric.name: {name} needs data.forgetting (a text file)")
+        if self.scheduler.type == "asha" and name in GENERATED and ev.generate_at != "every":
+            raise ValueError(f"scheduler: ASHA compares {name} at every evaluation; set evaluation.generate_at: every "
+                             "(or rank by eval_loss)")
+        if self.scheduler.type == "asha" and name not in EVERY_EVALUATION | GENERATED:
+            raise ValueError(f"scheduler: ASHA needs a metric reported at every evaluation, and {name} is measured "
+                             f"once at the end; use one of {', '.join(sorted(EVERY_EVALUATION))}")
+        return self
 
 
 def load_spec(path: str | Path) -> tuple[SweepSpec, Path]:

@@ -24,6 +24,8 @@ from typing import TYPE_CHECKING
 from sweep.errors import LaunchError, SweepLookupError
 from sweep.util.net import health_error
 from sweep.util.secrets import split_credentials
+from trials.artifacts import (ADAPTER_DIR, METRICS_FILE, PREDICTIONS_FILE, PROBE_FILE, TEST_PREDICTIONS_FILE,
+                              TRIAL_FILE)
 
 if TYPE_CHECKING:
     from mlflow.entities import Run
@@ -50,11 +52,10 @@ BEST_TRIAL_TAG = "best_trial_id"  # on the parent, set when the sweep ends
 SPEC_FILE = "spec.yaml"
 PLAN_FILE = "plan.json"
 ERROR_FILE = "error.txt"
-ADAPTER_DIR = "adapter"
-TRIAL_FILE = "trial.json"
-METRICS_FILE = "metrics.json"
 ADAPTER_YAML = "adapter.yaml"
-TRIAL_ARTIFACTS = (ADAPTER_DIR, TRIAL_FILE, METRICS_FILE, ADAPTER_YAML, "probe_logits.pt")
+# What a trial writes is named by the trial itself (trials.artifacts); the sweep uploads it as is.
+TRIAL_ARTIFACTS = (ADAPTER_DIR, TRIAL_FILE, METRICS_FILE, ADAPTER_YAML, PROBE_FILE, PREDICTIONS_FILE,
+                   TEST_PREDICTIONS_FILE)
 COMPARISON_DIR = "comparison"  # the table and plots, attached to the parent
 
 MAX_TAG_CHARS = 4000  # a tag value MLflow stores whatever the backend

@@ -125,6 +125,34 @@ def test_top_level_mistakes(tmp_path, model_dir):
     assert_user_error(plan_cli(tmp_path / "absent.yaml"), "file not found")
 
 
+@pytest.mark.parametrize(
+    ("extra", "needles"),
+    [
+        ({"evaluation": {"generate": True, "answer_pattern": "(unclosed"}}, ["evaluation.answer_pattern", "not a valid regular expression"]),
+        ({"evaluation": {"generate": True, "answer_pattern": "####"}}, ["evaluation.answer_pattern", "needs a group"]),
+        ({"evaluation": {"generate": True, "max_new_tokens": 0}}, ["evaluation.max_new_tokens", "greater than or equal to 1"]),
+        ({"metric": {"name": "eval_exact_match"}}, ["metric.name", "set evaluation.generate: true"]),
+        ({"metric": {"name": "eval_answer_accuracy"}, "evaluation": {"generate": True}}, ["evaluation.answer_pattern"]),
+        ({"metric": {"name": "accuracy"}}, ["metric.name", "no trial reports 'accuracy'", "eval_exact_match"]),
+        ({"metric": {"name": "eval_loss", "goal": "maximize"}}, ["metric.goal", "better when lower", "goal: minimize"]),
+        ({"metric": {"name": "test_loss"}}, ["metric.name", "never to rank", "use eval_loss"]),
+        ({"metric": {"name": "eval_exact_match"}, "evaluation": {"generate": True}, "scheduler": {"type": "asha"}},
+         ["generate_at: every"]),
+        ({"data": {"test": "absent-test.jsonl"}}, ["data.test: file not found"]),
+        ({"data": {"forgetting": "absent.txt"}}, ["data.forgetting: file not found"]),
+    ],
+)
+def test_evaluation_mistakes_are_plan_errors(tmp_path, model_dir, extra, needles):
+    """Generation, test split and metric choices are checked before anything starts."""
+    assert_user_error(plan_cli(write_spec(tmp_path, model_dir, [{"type": "lora"}], **extra)), *needles)
+
+
+def test_metric_goal_defaults_to_its_direction(tmp_path, model_dir):
+    spec, _ = load_spec(write_spec(tmp_path, model_dir, [{"type": "lora"}], metric={"name": "eval_exact_match"},
+                                   evaluation={"generate": True}))
+    assert spec.metric.goal == "maximize"
+
+
 def test_all_problems_reported_at_once(tmp_path, model_dir):
     adapters = [{"type": "c3a", "block_size": [16, 24]}, {"type": "vblora", "vector_length": 24, "num_vectors": 8}]
     result = plan_cli(write_spec(tmp_path, model_dir, adapters))

@@ -39,6 +39,8 @@ VARIANTS: dict[str, tuple[dict, int, float]] = {
                        "alpha_pattern": {r"layers\.1\.self_attn\.v_proj": 32}}, 1, 3e-3),
 }
 MAX_STEPS = 20
+# Every variant also generates (ZeRO-3 included), is tested once and measures forgetting.
+EVALUATION = {"generate": True, "max_new_tokens": 6, "answer_pattern": "([a-z]+)"}
 
 
 def trial(tiny: Path, adapter: dict, *, stage: int = 0, lr: float = 3e-3, **data) -> dict:
@@ -52,6 +54,15 @@ def trial(tiny: Path, adapter: dict, *, stage: int = 0, lr: float = 3e-3, **data
         "seed": 0,
         "deepspeed": {"zero_stage": stage},
     }
+
+
+def side_files(root: Path, tiny: Path) -> dict[str, str]:
+    """A test split (the last 13 eval rows: an odd count, so one rank's shard is short) and a
+    forgetting text in the pretraining format."""
+    rows = (tiny / "task" / "eval.jsonl").read_text().splitlines()[-13:]
+    (root / "test.jsonl").write_text("\n".join(rows) + "\n")
+    (root / "forgetting.txt").write_text("copy abc = abc\nreverse hello = olleh\n\nadd 2 3 = 5\nupper dog = DOG\n")
+    return {"test": str(root / "test.jsonl"), "forgetting": str(root / "forgetting.txt")}
 
 
 def write_trials(directory: Path, trials: dict[str, dict]) -> list[Path]:
@@ -75,9 +86,13 @@ def cli(*args: str, nproc: int = 1, timeout: int = 600) -> subprocess.CompletedP
 @pytest.fixture(scope="session")
 def variant_runs(tiny_model, tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("variants")
-    trials = {name: trial(tiny_model, adapter, stage=stage, lr=lr) for name, (adapter, stage, lr) in VARIANTS.items()}
+    extra = side_files(root, tiny_model)
+    trials = {name: {**trial(tiny_model, adapter, stage=stage, lr=lr, **extra), "evaluation": EVALUATION}
+              for name, (adapter, stage, lr) in VARIANTS.items()}
     # A learning rate that must blow up, to see the non-finite-loss guard on 2 workers.
-    trials["diverges"] = trial(tiny_model, {"type": "lora"}, stage=0, lr=1e30)
+    # (LN tuning: scaled norm weights overflow the logits; LoRA's blow-up is normalised away by
+    # the next RMSNorm and ends at a finite, uniform loss.)
+    trials["diverges"] = trial(tiny_model, {"type": "ln_tuning"}, stage=0, lr=1e30)
     paths = write_trials(root / "trials", trials)
     result = cli("run", *map(str, paths), "--out", str(root / "out"), "--keep-going", nproc=2, timeout=900)
     (root / "launch.log").write_text(result.stdout + "\n--- stderr ---\n" + result.stderr)
@@ -133,6 +148,37 @@ def test_variant_trains_saves_and_reloads_exactly(name, variant_runs, tiny_model
     reloaded = probe_logits_after_reload(tiny_model, out / artifacts.ADAPTER_DIR, probe)
     torch.testing.assert_close(reloaded, probe["logits"], atol=1e-5, rtol=0)
     assert (base_logits(tiny_model, probe) - probe["logits"]).abs().max() > 1e-3
+    check_evaluation_records(out, m, tiny_model)
+
+
+def check_evaluation_records(out: Path, m: dict, tiny: Path) -> None:
+    """predictions.jsonl holds every evaluated example once, in file order, and the metrics
+    are its means; the test split and forgetting add up; a prediction is what the saved
+    adapter generates for that prompt alone (no batch, no padding)."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    rows = [json.loads(line) for line in (out / artifacts.PREDICTIONS_FILE).read_text().splitlines()]
+    assert [r["index"] for r in rows] == list(range(len(rows))) and len(rows) == 2 * 4 * 8  # 2 ranks x 4 batches
+    assert m["eval_exact_match"] == pytest.approx(sum(r["correct"] for r in rows) / len(rows))
+    assert m["eval_answer_accuracy"] == pytest.approx(sum(r["answer_correct"] for r in rows) / len(rows))
+    assert all(math.isfinite(r["loss"]) and r["loss"] > 0 for r in rows)
+    eval_rows = [json.loads(line) for line in (tiny / "task" / "eval.jsonl").read_text().splitlines()]
+    assert all(r["target"] == eval_rows[r["index"]]["response"] for r in rows)
+    tested = [json.loads(line) for line in (out / artifacts.TEST_PREDICTIONS_FILE).read_text().splitlines()]
+    assert len(tested) == 13 and m["test_exact_match"] == pytest.approx(sum(r["correct"] for r in tested) / 13)
+    assert math.isfinite(m["test_loss"]) and m["forgetting"] == pytest.approx(m["forgetting_after"] - m["forgetting_before"])
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny)
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny, dtype=torch.float32),
+                                      str(out / artifacts.ADAPTER_DIR)).eval()
+    for r in rows[:2]:
+        ids = tokenizer(eval_rows[r["index"]]["prompt"], return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            new = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False,
+                                 pad_token_id=tokenizer.pad_token_id)[0, ids.shape[1]:]
+        assert tokenizer.decode(new, skip_special_tokens=True) == r["prediction"]
 
 
 @pytest.mark.slow
@@ -303,18 +349,23 @@ def test_truncation_keeps_examples_with_some_response_left(tokenizer):
     assert len(ex.input_ids) == 18 and ex.labels[16:] == ex.input_ids[16:] == tokenizer(" b", add_special_tokens=False)["input_ids"]
 
 
-def test_eval_fraction_split_is_seeded_and_disjoint(tokenizer, tmp_path):
+def test_eval_fraction_split_is_fixed_disjoint_and_indexed(tokenizer, tmp_path):
+    """Every trial holds out the same examples (whatever its seed), so trials compare item by
+    item; each example keeps its row number and response text."""
     from trials.config import DataConfig
     from trials.data import load_splits
 
     path = tmp_path / "d.jsonl"
     path.write_text("".join(json.dumps({"prompt": f"rot1 {i} =", "response": f" {i}"}) + "\n" for i in range(50)))
     cfg = DataConfig(train=str(path), eval_fraction=0.2)
-    a, b, c = (load_splits(cfg, tokenizer, seed) for seed in (0, 0, 1))
+    a, b = load_splits(cfg, tokenizer), load_splits(cfg, tokenizer)
     assert len(a.eval) == 10 and len(a.train) == 40
-    assert a == b and a.eval != c.eval
+    assert a == b
+    assert [e.index for e in a.eval] == sorted(e.index for e in a.eval)
+    assert all(e.target == f" {e.index}" for e in a.eval + a.train)
+    assert sorted(e.index for e in a.eval + a.train) == list(range(50))
     assert not {tuple(e.input_ids) for e in a.eval} & {tuple(e.input_ids) for e in a.train}
-    default = load_splits(DataConfig(train=str(path)), tokenizer, 0)
+    default = load_splits(DataConfig(train=str(path)), tokenizer)
     assert len(default.eval) == 5  # eval_fraction defaults to 0.1
 
 
