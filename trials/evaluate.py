@@ -130,7 +130,8 @@ class Evaluator:
                 tokens += float(counts.sum())
                 for e, lo, hi, n in zip(b, per_loss.tolist(), per_hits.tolist(), counts.tolist()):
                     if e.index >= 0 and n:
-                        records.append({"index": e.index, "target": e.target, "loss": lo / n, "token_accuracy": hi / n})
+                        records.append({"index": e.index, "target": e.target, "loss": lo / n,
+                                        "token_accuracy": hi / n, "tokens": n})
         return {"loss": loss_sum, "correct": correct, "tokens": tokens}, records
 
     def generation(self, model, batches: list[list[Example]]) -> dict[int, dict[str, Any]]:

@@ -1,9 +1,11 @@
 """A tiny pretrained Llama and a downstream task, built locally so nothing comes from the hub.
 
 The pretraining corpus is a mixture of symbolic string/number operations written as
-``"<op> <args> =" + " <result>"``. The downstream task, ``rot1`` (shift each letter by one,
-z wraps to a), uses the same characters and format but never appears in pretraining, so
-the base model starts out poor at it and an adapter has something measurable to learn.
+``"<op> <args> =" + " <result>"``, among them ``next`` (the letter after a single letter,
+z wraps to a). The downstream task, ``rot1`` (shift each letter of a word by one), uses the
+same characters and format but never appears in pretraining, so the base model starts out
+poor at it; it needs copying and ``next`` combined, which an adapter can learn in a
+quickstart's budget.
 
 The tokenizer is character-level: a prompt and its response tokenize to the same ids
 whether joined or apart, so a trial's prompt/response split never depends on merges.
@@ -29,7 +31,7 @@ if TYPE_CHECKING:
 
 # Bump whenever the corpus, task, tokenizer, architecture or training recipe changes:
 # it names the cache directory, so stale builds are never reused.
-TINY_VERSION = "1"
+TINY_VERSION = "2"
 
 PAD, UNK, BOS, EOS = "<pad>", "<unk>", "<s>", "</s>"
 SPECIAL_TOKENS = (PAD, UNK, BOS, EOS)
@@ -67,8 +69,16 @@ def _word(rng: Random, lo: int = 1, hi: int = WORD_MAX, alphabet: str = string.a
     return "".join(rng.choice(alphabet) for _ in range(rng.randint(lo, hi)))
 
 
-_OPS = ("copy", "reverse", "upper", "lower", "sort", "add", "len")
-_OP_WEIGHTS = (4, 2, 2, 2, 1, 1, 1)
+_OPS = ("copy", "reverse", "upper", "lower", "sort", "add", "len", "next")
+# `next` (the letter after one letter) teaches the alphabet's successor table; the task
+# then only has to combine it with copying. Without it (version 1) no adapter got past
+# ~0.30 token accuracy on rot1 within a quickstart's budget. Its examples are short, so a
+# weight of 2 is still a small share of the corpus's tokens.
+_OP_WEIGHTS = (4, 2, 2, 2, 1, 1, 1, 2)
+
+
+def _next_letter(c: str) -> str:
+    return chr((ord(c) - ord("a") + 1) % 26 + ord("a"))
 
 
 def _pretrain_example(rng: Random) -> tuple[str, str]:
@@ -97,12 +107,16 @@ def _pretrain_example(rng: Random) -> tuple[str, str]:
         hi = 9 if rng.random() < 0.7 else 99
         a, b = rng.randint(0, hi), rng.randint(0, hi)
         return f"add {a} {b} =", f" {a + b}"
+    if op == "next":
+        # One letter only: the whole-word shift is the downstream task and must stay unseen.
+        c = rng.choice(string.ascii_lowercase)
+        return f"next {c} =", f" {_next_letter(c)}"
     w = _word(rng)
     return f"len {w} =", f" {len(w)}"
 
 
 def _rot1(word: str) -> str:
-    return "".join(chr((ord(c) - ord("a") + 1) % 26 + ord("a")) for c in word)
+    return "".join(_next_letter(c) for c in word)
 
 
 def task_examples(seed: int = 0, n_train: int = 2000, n_eval: int = 200) -> tuple[list[dict[str, str]], list[dict[str, str]]]:

@@ -31,9 +31,10 @@ def human_bytes(n: float) -> str:
 def format_value(key: str, v: float | None) -> str:
     if v is None:
         return "—"
-    if key in ("eval_loss", "eval_loss_before", "train_loss"):
+    if key in ("eval_loss", "eval_loss_before", "train_loss", "test_loss", "forgetting", "forgetting_before",
+               "forgetting_after"):
         return f"{v:.4f}"
-    if key == "eval_token_accuracy":
+    if key.endswith(("_accuracy", "_exact_match")):
         return f"{v:.3f}"
     if key == "eval_perplexity":
         return f"{v:.3f}"
@@ -58,10 +59,25 @@ def _cell_text(table: Table, row: Row, key: str) -> str:
     else:
         text = format_value(key, cell.value)
     if key == table.metric and cell.value is not None:
-        if cell.std is not None:
+        st = row.stats
+        if st is not None and st.ci_low is not None and st.ci_high > st.ci_low:
+            text = f"{text} [{format_value(key, st.ci_low)}, {format_value(key, st.ci_high)}]"
+        elif cell.std is not None:
             text = f"{text} ± {format_value(key, cell.std).removesuffix('%')}"
         text += f" (n={cell.n})"
     return text
+
+
+def _versus_best(table: Table, row: Row) -> str:
+    """The row against the best row: the paired test's verdict and its Holm-adjusted p."""
+    st = row.stats
+    if st is None or st.mean is None:
+        return "—"
+    if row.label == table.significance.get("best_row"):
+        return "best"
+    if st.p_vs_best is None:
+        return "not tested"  # no per-example predictions shared with the best row
+    return f"{'≈ best' if st.tied_with_best else 'worse'} (p={st.p_vs_best:.2g})"
 
 
 def _trials_text(row: Row) -> str:
@@ -98,20 +114,22 @@ def _header(col: Column, table: Table) -> str:
     arrow = ARROWS.get(col.goal, "")
     title = f"{col.title} {arrow}".strip()
     if col.key == table.metric:
-        title = f"{col.key} {arrow} (best config, mean ± std)".replace("  ", " ")
+        title = f"{col.key} {arrow} (best config: mean [95% CI])".replace("  ", " ")
     return title
 
 
 def _grid(table: Table, emphasis) -> tuple[list[str], list[list[str]]]:
     headers = ["Adapter", *[f"{f}" for f in table.by], "Extra params (approx.)"]
-    headers += [_header(c, table) for c in table.columns]
+    headers += [_header(table.columns[0], table), "vs best"] + [_header(c, table) for c in table.columns[1:]]
     headers += ["Trials", "Best hyperparameters", "Key strength", "Best for"]
     body = []
     for r in table.rows:
         line = [r.variant, *[plain(r.by[f]) for f in table.by], r.approx_extra_params]
-        for c in table.columns:
+        for i, c in enumerate(table.columns):
             text = _cell_text(table, r, c.key)
             line.append(emphasis(text) if r.cells[c.key].best else text)
+            if i == 0:
+                line.append(_versus_best(table, r))
         line += [_trials_text(r), _hparams_text(r), r.key_strength, r.best_for]
         body.append(line)
     return headers, body
@@ -139,8 +157,26 @@ def to_markdown(table: Table) -> str:
         "Each row reports its best configuration (best mean over seeds); failed and unfinished trials are counted, never averaged. "
         "Bold: best in its column. " + directions + ".",
         "Extra params (approx.) is the catalogue's typical range; Trainable (measured) is what this sweep's model trained.",
+        *_significance_notes(table),
     ]
     return "\n".join(out + notes) + "\n"
+
+
+def _significance_notes(table: Table) -> list[str]:
+    sig = table.significance
+    if not sig or sig.get("best_row") is None:
+        return []
+    notes = [f"Interval: {sig['interval']}."]
+    if sig.get("test") and sig["tested_rows"]:
+        tied = sig["tied_rows"]
+        notes.append(
+            f"{len(tied)} of {sig['tested_rows']} rows are statistically indistinguishable from the best "
+            f"(`{sig['best_row']}`)" + (f": {', '.join(f'`{t}`' for t in tied)}" if tied else "")
+            + f". vs best: {sig['test']}, Holm-corrected across rows; ≈ best when p >= {sig['alpha']}."
+        )
+    elif sig.get("untestable_rows"):
+        notes.append("vs best: not tested (no per-example predictions for this metric; rank by an eval_* metric).")
+    return notes
 
 
 def to_html(table: Table) -> str:
@@ -160,13 +196,16 @@ def to_csv(table: Table) -> str:
     """One line per row with raw numbers (no units, no marks), for pandas or a spreadsheet."""
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    head = ["variant", *table.by, "finished", "failed", "unfinished", "trainable_params"]
+    head = ["variant", *table.by, "finished", "failed", "unfinished", "trainable_params",
+            "ci_low", "ci_high", "p_vs_best", "tied_with_best"]
     for c in table.columns:
         head += [c.key, f"{c.key}_std", f"{c.key}_n", f"{c.key}_best"]
     head += ["best_hyperparameters", "best_trial_id", "best_trial_run", "approx_extra_params", "key_strength", "best_for"]
     w.writerow(head)
     for r in table.rows:
-        line: list[Any] = [r.variant, *[r.by[f] for f in table.by], r.finished, r.failed, r.other, r.trainable_params]
+        st = r.stats
+        line: list[Any] = [r.variant, *[r.by[f] for f in table.by], r.finished, r.failed, r.other, r.trainable_params,
+                           *((st.ci_low, st.ci_high, st.p_vs_best, st.tied_with_best) if st else (None,) * 4)]
         for c in table.columns:
             cell = r.cells[c.key]
             line += [cell.value, cell.std, cell.n, cell.best]

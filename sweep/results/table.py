@@ -13,7 +13,9 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from sweep.tracking.layout import PREDICTIONS_FILE
 from sweep.tracking.reader import (
+    NOT_CONFIG,
     Sweep,
     TrialRun,
     best_trial,
@@ -21,6 +23,8 @@ from sweep.tracking.reader import (
     load_trials,
     metric_value,
     parse_param,
+    rank_configs,
+    read_jsonl,
 )
 from trials.adapters import FAMILIES
 from trials.metrics import METRICS
@@ -41,8 +45,6 @@ TITLES = {
     "peak_memory_mb": "Peak mem",
     "adapter_bytes": "Adapter file",
 }
-# Params that identify a trial rather than configure it: seeds are averaged over, ids differ.
-NOT_CONFIG = {"seed", "trial_id"}
 ARROWS = {"minimize": "↓", "maximize": "↑", "none": ""}
 
 
@@ -84,6 +86,7 @@ class Row:
     approx_extra_params: str
     key_strength: str
     best_for: str
+    stats: Any = None  # sweep.results.significance.RowStats, once annotated
 
     @property
     def trials(self) -> int:
@@ -109,6 +112,7 @@ class Table:
     experiment: str = ""
     trials: list[TrialRun] = field(default_factory=list, repr=False)
     best_trial_id: str | None = None  # the single best finished trial (the one export writes)
+    significance: dict[str, Any] = field(default_factory=dict)  # how rows were compared with the best
 
     def column(self, key: str) -> Column:
         return next(c for c in self.columns if c.key == key)
@@ -122,6 +126,7 @@ class Table:
             "by": list(self.by),
             "counts": self.counts,
             "best_trial_id": self.best_trial_id,
+            "significance": self.significance,
             "columns": [asdict(c) for c in self.columns],
             "rows": [
                 {
@@ -129,6 +134,8 @@ class Table:
                     "adapter_type": r.adapter_type,
                     "by": r.by,
                     "trials": {"finished": r.finished, "failed": r.failed, "other": r.other},
+                    # The ranking metric: mean over seeds, its interval, and the test against the best row.
+                    **(r.stats.to_json() if r.stats is not None else {}),
                     "trainable_params": r.trainable_params,
                     "cells": {k: {"value": c.value, "std": c.std, "n": c.n, "best": c.best} for k, c in r.cells.items()},
                     "best_config": r.best_config,
@@ -146,25 +153,29 @@ class Table:
 # --- building -------------------------------------------------------------------------
 
 
-def columns_for(metric: str, goal: str) -> list[Column]:
-    """The sweep's metric first (its goal as declared by the spec), then the measured columns,
-    each with the direction `trials.metrics.METRICS` declares."""
+def columns_for(metric: str, goal: str, beside: Sequence[str] = ()) -> list[Column]:
+    """The sweep's metric first (its goal as declared by the spec), then what is reported beside
+    it (its test-split twin, forgetting), then the measured columns, each with the direction
+    `trials.metrics.METRICS` declares."""
 
     def column(key: str, goal_: str | None = None) -> Column:
         known = METRICS.get(key)
         return Column(key, TITLES.get(key, key), known.unit if known else "", goal_ or (known.goal if known else "none"))
 
-    return [column(metric, goal)] + [column(k) for k in MEASURED if k != metric]
+    return [column(metric, goal)] + [column(k) for k in beside] + [
+        column(k) for k in MEASURED if k != metric and k not in beside]
+
+
+def test_twin(metric: str) -> str | None:
+    """The test-split counterpart of an eval metric (eval_exact_match -> test_exact_match)."""
+    twin = "test_" + metric.removeprefix("eval_") if metric.startswith("eval_") else None
+    return twin if twin in METRICS else None
 
 
 def _mean_std(values: list[float]) -> tuple[float | None, float | None]:
     if not values:
         return None, None
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
-
-
-def _config_key(trial: TrialRun) -> tuple[tuple[str, str], ...]:
-    return tuple(sorted((k, v) for k, v in trial.params.items() if k not in NOT_CONFIG))
 
 
 def _varying(trials: Sequence[TrialRun]) -> list[str]:
@@ -177,13 +188,18 @@ def _varying(trials: Sequence[TrialRun]) -> list[str]:
 
 
 def build_rows(
-    trials: Sequence[TrialRun], metric: str, goal: str, by: Sequence[str] = (), *, sweep: str = ""
+    trials: Sequence[TrialRun], metric: str, goal: str, by: Sequence[str] = (), *, sweep: str = "",
+    items: dict[str, list[dict[str, Any]]] | None = None,
 ) -> Table:
-    """Group trials into rows and pick each row's best config by its mean metric over seeds.
+    """Group trials into rows and pick each row's best config by its mean metric over seeds;
+    `items` (run id -> its predictions.jsonl rows) feed the intervals and paired tests.
 
     Only FINISHED runs contribute numbers; failed and unfinished runs are only counted.
     """
-    columns = columns_for(metric, goal)
+    from sweep.results.significance import annotate
+
+    beside = [k for k in (test_twin(metric), "forgetting") if k and any(k in t.metrics for t in trials)]
+    columns = columns_for(metric, goal, beside)
     varying = _varying(trials)
     groups: dict[tuple, list[TrialRun]] = {}
     for t in trials:
@@ -194,17 +210,8 @@ def build_rows(
     rows: list[Row] = []
     for (variant, by_values), members in groups.items():
         done = [t for t in members if t.finished]
-        configs: dict[tuple, list[TrialRun]] = {}
-        for t in done:
-            configs.setdefault(_config_key(t), []).append(t)
-
-        def rank(item: tuple[tuple, list[TrialRun]]) -> tuple:
-            key, runs = item
-            mean, _ = _mean_std([v for t in runs if (v := metric_value(t, metric)) is not None])
-            params = statistics.fmean([t.metrics.get("trainable_params", math.inf) for t in runs])
-            return (mean is None, sign * mean if mean is not None else 0.0, params, key)
-
-        best_key, best_runs = min(configs.items(), key=rank) if configs else ((), [])
+        ranked = rank_configs(done, metric, goal)
+        best_key, best_runs = ranked[0] if ranked else ((), [])
         cells: dict[str, Cell] = {}
         for col in columns:
             values = [v for t in best_runs if (v := metric_value(t, col.key)) is not None]
@@ -259,17 +266,31 @@ def build_rows(
         "other": sum(not t.finished and not t.failed for t in trials),
     }
     top = best_trial(trials, metric, goal)
-    return Table(sweep, metric, goal, tuple(by), columns, rows, varying, counts, trials=list(trials),
-                 best_trial_id=top.trial_id if top else None)
+    table = Table(sweep, metric, goal, tuple(by), columns, rows, varying, counts, trials=list(trials),
+                  best_trial_id=top.trial_id if top else None)
+    annotate(table, items or {})
+    return table
 
 
 def build_table(client: MlflowClient, parent_run_id: str | Sweep, by: Sequence[str] = ()) -> Table:
-    """Read a sweep's child runs from MLflow and build its table."""
+    """Read a sweep's child runs from MLflow and build its table, with intervals and paired
+    tests from the rows' per-example predictions (one download per seed of each row's best
+    configuration)."""
+    from sweep.results.significance import ITEM_MEASURES, annotate
+
     sweep = parent_run_id if isinstance(parent_run_id, Sweep) else load_sweep(client, parent_run_id)
     trials = load_trials(client, sweep)
     table = build_rows(trials, sweep.metric, sweep.goal, by, sweep=sweep.name)
     table.parent_run_id = sweep.parent_run_id
     table.experiment = sweep.experiment_name
+    items = {}
+    if sweep.metric in ITEM_MEASURES:
+        for row in table.rows:
+            for run_id in row.config_runs:
+                rows = read_jsonl(client, run_id, PREDICTIONS_FILE)
+                if rows:
+                    items[run_id] = rows
+    annotate(table, items)
     return table
 
 

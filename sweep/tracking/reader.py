@@ -269,13 +269,42 @@ def rank_key(goal: str, value: float, trainable_params: float | None, trial_id: 
     return (sign * value, math.inf if trainable_params is None else trainable_params, trial_id)
 
 
+# Params that identify a trial rather than configure it: seeds repeat a configuration.
+NOT_CONFIG = frozenset({"seed", "trial_id"})
+
+
+def config_key(trial: TrialRun) -> tuple[tuple[str, str], ...]:
+    """What a trial's configuration is, seeds aside: trials with the same key are its seeds."""
+    return tuple(sorted((k, v) for k, v in trial.params.items() if k not in NOT_CONFIG))
+
+
+def rank_configs(trials: Iterable[TrialRun], metric: str, goal: str) -> list[tuple[tuple, list[TrialRun]]]:
+    """Configurations with their finished seeds, best first: by the mean of the metric over
+    seeds (so a lucky seed does not win), then fewer trainable parameters, then the key."""
+    configs: dict[tuple, list[TrialRun]] = {}
+    for t in trials:
+        if t.finished and metric_value(t, metric) is not None:
+            configs.setdefault(config_key(t), []).append(t)
+    sign = 1.0 if goal == "minimize" else -1.0
+
+    def order(item: tuple[tuple, list[TrialRun]]) -> tuple:
+        key, runs = item
+        mean = sum(metric_value(t, metric) for t in runs) / len(runs)
+        params = [t.metrics["trainable_params"] for t in runs if "trainable_params" in t.metrics]
+        return (sign * mean, sum(params) / len(params) if params else math.inf, key)
+
+    return sorted(configs.items(), key=order)
+
+
 def best_trial(trials: Iterable[TrialRun], metric: str, goal: str) -> TrialRun | None:
-    """The best finished trial by the metric (see `rank_key`): the one the table marks, export
-    writes and the sweep's parent run records as `best_trial_id`."""
-    scored = [(t, v) for t in trials if t.finished and (v := metric_value(t, metric)) is not None]
-    if not scored:
+    """The best finished trial: the best seed (see `rank_key`) of the best configuration (see
+    `rank_configs`). The one the table marks, export writes and the sweep's parent run
+    records as `best_trial_id`."""
+    ranked = rank_configs(trials, metric, goal)
+    if not ranked:
         return None
-    return min(scored, key=lambda tv: rank_key(goal, tv[1], tv[0].metrics.get("trainable_params"), tv[0].trial_id))[0]
+    seeds = ranked[0][1]
+    return min(seeds, key=lambda t: rank_key(goal, metric_value(t, metric), t.metrics.get("trainable_params"), t.trial_id))
 
 
 def best_of_sweep(c: MlflowClient, experiment_id: str, parent_run_id: str, metric: str, goal: str) -> TrialRun | None:
@@ -301,6 +330,18 @@ def download(c: MlflowClient, run_id: str, path: str, dest: Path) -> bool:
         dest.parent.mkdir(parents=True, exist_ok=True)
         shutil.copytree(local, dest) if local.is_dir() else shutil.copy2(local, dest)
     return True
+
+
+def read_jsonl(c: MlflowClient, run_id: str, name: str) -> list[dict[str, Any]] | None:
+    """A run's JSON-lines artifact as rows; None when it is missing or unreadable."""
+    with tempfile.TemporaryDirectory() as tmp:
+        target = Path(tmp) / "artifact.jsonl"
+        if not download(c, run_id, name, target):
+            return None
+        try:
+            return [json.loads(line) for line in target.read_text().splitlines() if line.strip()]
+        except (OSError, json.JSONDecodeError):
+            return None
 
 
 def read_json(c: MlflowClient, run_id: str, name: str) -> Any | None:

@@ -80,6 +80,27 @@ def test_task_files_have_fields_and_are_deterministic(tmp_path: Path) -> None:
     assert not {r["prompt"] for r in train} & {r["prompt"] for r in eval_}
 
 
+def test_pretraining_mix_teaches_next_letter_but_never_the_task() -> None:
+    from random import Random
+
+    from trials.tiny import _pretrain_example
+
+    rng = Random("tiny-corpus:0")
+    pairs = [_pretrain_example(rng) for _ in range(2000)]
+    nexts = [(p, r) for p, r in pairs if p.startswith("next ")]
+    # A real share of the mix, and only ever one letter (whole words would be the task).
+    assert 100 < len(nexts) < 600
+    for prompt, response in nexts:
+        c = prompt.removeprefix("next ").removesuffix(" =")
+        assert len(c) == 1 and c.islower()
+        assert response == " " + ("a" if c == "z" else chr(ord(c) + 1))
+    assert ("next z =", " a") in nexts
+    assert not any(p.startswith("rot1") for p, _ in pairs)
+    # Deterministic for a seed.
+    again = Random("tiny-corpus:0")
+    assert [_pretrain_example(again) for _ in range(2000)] == pairs
+
+
 def test_task_seed_does_not_touch_global_random(tmp_path: Path) -> None:
     import random
 
