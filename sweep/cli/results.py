@@ -6,6 +6,7 @@ seconds to import, and `sweep plan` should not pay for them."""
 from __future__ import annotations
 
 import difflib
+import json
 import os
 import signal
 import sys
@@ -55,8 +56,11 @@ def table_cmd(
     by: Optional[list[str]] = typer.Option(None, "--by", help="Also split rows by this param (repeatable), e.g. --by adapter.r."),
     plots: Optional[Path] = typer.Option(None, "--plots", help="Write PNG plots (eval-loss curves, Pareto chart) into this folder."),
     log: bool = typer.Option(True, "--log/--no-log", help="Attach the table and plots to the sweep's parent run."),
+    importance: bool = typer.Option(False, "--importance", help="Also rank the swept fields by how much they explain "
+                                                                  "the metric (Optuna's fANOVA over the finished trials)."),
 ) -> None:
-    """The comparison table of a sweep's measured runs, one row per adapter variant."""
+    """The comparison table of a sweep's measured runs, one row per adapter variant, with
+    95% intervals and paired tests against the best row."""
     from sweep.results.peft_mc import write_results
     from sweep.results.plots import make_plots
     from sweep.results.render import log_to_parent, render
@@ -72,11 +76,22 @@ def table_cmd(
     require_trials(table.trials, sweep)
     _check_by(by or [], table.trials)
 
+    ranked = None
+    if importance:
+        from sweep.results.importance import importance_text, parameter_importance
+
+        ranked = parameter_importance(table.trials, sweep.metric, sweep.goal)
     if fmt == "peft-mc":
         paths = write_results(client, table, out_path)
         err.print(f"wrote {len(paths)} PEFT method_comparison results to {out_path}", highlight=False)
     else:
         text = render(table, fmt)
+        if ranked is not None and fmt == "json":
+            text = json.dumps({**json.loads(text), "importance": ranked.to_json()}, indent=2) + "\n"
+        elif ranked is not None and fmt == "md":
+            text += "\n" + importance_text(ranked) + "\n"
+        elif ranked is not None:
+            err.print(importance_text(ranked), highlight=False, markup=False)
         if out_path is None:
             sys.stdout.write(text)
         else:
@@ -88,6 +103,11 @@ def table_cmd(
     with tempfile.TemporaryDirectory() as tmp:
         if plots is not None or log:
             made = make_plots(client, table, plots if plots is not None else tmp)
+            if ranked is not None:
+                from sweep.results.importance import plot_importance
+
+                chart = plot_importance(ranked, Path(plots if plots is not None else tmp) / "importance.png")
+                made += [chart] if chart is not None else []
             if plots is not None:
                 for p in made:
                     err.print(f"wrote {p}", highlight=False)
@@ -112,11 +132,10 @@ def export_cmd(
 ) -> None:
     """Export the best finished trial: best.yaml (Ludwig), adapter/ (PEFT), trial.json, spec.yaml."""
     from sweep.results.export import export_best
-    from sweep.tracking.reader import best_trial
 
     client, sweep = _open_sweep(name, tracking_uri, experiment)
     target = out_dir if out_dir is not None else Path(f"{sweep.name}-best")
-    results = export_best(client, sweep, target, by_variant=by_variant)
+    results, picked = export_best(client, sweep, target, by_variant=by_variant)
     for r in results:
         out.print(
             f"{r.trial.variant}: trial {r.trial.trial_id} ({sweep.metric} {r.value:.6g}) -> {r.out_dir}/ "
@@ -125,8 +144,16 @@ def export_cmd(
             soft_wrap=True,
             markup=False,
         )
-    best = best_trial([r.trial for r in results], sweep.metric, sweep.goal)
-    top = next(r for r in results if r.trial is best)
+    top = next(r for r in results if r.trial.trial_id == picked["chosen"]["trial_id"])
+    tied = picked["tied_with_chosen"]
+    if tied:
+        names = ", ".join(f"{t['row']} ({t['best_trial_id']}, p={t['p_vs_best']:.2g})" for t in tied)
+        out.print(f"{top.trial.trial_id} is the best, but statistically tied with: {names}", highlight=False,
+                  markup=False, soft_wrap=True)
+    elif picked["test"]["tested_rows"]:
+        out.print(f"{top.trial.trial_id} is the best; every other row is worse (paired test, Holm-corrected, "
+                  f"p < {picked['test']['alpha']})", highlight=False, markup=False, soft_wrap=True)
+    out.print(f"selection: {top.out_dir / 'selection.json'}", highlight=False, markup=False)
     out.print(f"re-run the best with: sweep run {top.out_dir / 'spec.yaml'}", highlight=False, markup=False)
 
 

@@ -19,7 +19,6 @@ from sweep.tracking.reader import (
     best_trial,
     download,
     load_sweep,
-    load_trials,
     read_json,
     require_trials,
     unflatten,
@@ -137,17 +136,46 @@ def export_trial(client: MlflowClient, sweep: Sweep, trial: TrialRun, out_dir: s
     return Exported(out, trial, config, value, files)
 
 
+def selection(table, chosen: TrialRun) -> dict[str, Any]:
+    """How sure the choice is: the chosen trial, its row, and the rows the paired test could
+    not tell apart from it (see sweep.results.significance)."""
+    sig = table.significance or {}
+    best_row = next((r for r in table.rows if r.label == sig.get("best_row")), None)
+    tied = [r for r in table.rows if r.stats is not None and r.stats.tied_with_best]
+
+    def row_json(r) -> dict[str, Any]:
+        st = r.stats
+        return {"row": r.label, "variant": r.variant, "best_trial_id": r.best_trial_id, "mean": st.mean if st else None,
+                "ci_low": st.ci_low if st else None, "ci_high": st.ci_high if st else None,
+                "n_seeds": st.n_seeds if st else 0, "p_vs_best": st.p_vs_best if st else None}
+
+    return {
+        "sweep": table.sweep,
+        "metric": {"name": table.metric, "goal": table.goal},
+        "chosen": {"trial_id": chosen.trial_id, "run_id": chosen.run_id, "variant": chosen.variant,
+                   "value": chosen.metrics.get(table.metric),
+                   "row": row_json(best_row) if best_row is not None else None},
+        "tied_with_chosen": [row_json(r) for r in tied],
+        "test": {k: sig.get(k) for k in ("test", "correction", "alpha", "interval", "tested_rows")},
+        "untestable_rows": sig.get("untestable_rows", []),
+    }
+
+
 def _dir_name(variant: str) -> str:
     return variant.replace("+", "-")
 
 
 def export_best(
     client: MlflowClient, parent_run_id: str | Sweep, out_dir: str | Path, *, by_variant: bool = False
-) -> list[Exported]:
+) -> tuple[list[Exported], dict[str, Any]]:
     """Export the best finished trial (or, with by_variant, the best of each variant into
-    `out_dir/<variant>/`). Ties on the metric go to fewer trainable params."""
+    `out_dir/<variant>/`), and `selection.json`: the chosen trial and the rows statistically
+    tied with it. Returns the exports and that selection."""
+    from sweep.results.table import build_table
+
     sweep = parent_run_id if isinstance(parent_run_id, Sweep) else load_sweep(client, parent_run_id)
-    trials = load_trials(client, sweep)
+    table = build_table(client, sweep)
+    trials = table.trials
     require_trials(trials, sweep, finished=True)
     out = Path(out_dir)
     groups: dict[str, list[TrialRun]] = {}
@@ -168,10 +196,15 @@ def export_best(
         )
     if not results:
         raise SweepLookupError([f"no finished trial of sweep {sweep.name!r} logged the metric {sweep.metric!r}"])
+    chosen = best_trial(trials, sweep.metric, sweep.goal)
+    chosen_export = next(e for e in results if e.trial.trial_id == chosen.trial_id)
+    picked = selection(table, chosen)
+    (chosen_export.out_dir / "selection.json").write_text(json.dumps(picked, indent=2) + "\n")
+    chosen_export.files.append(chosen_export.out_dir / "selection.json")
     if by_variant:
         index = [
             {"variant": e.trial.variant, "dir": e.out_dir.name, "trial_id": e.trial.trial_id, "run_id": e.trial.run_id, sweep.metric: e.value}
             for e in results
         ]
         (out / "export.json").write_text(json.dumps({"sweep": sweep.name, "metric": sweep.metric, "goal": sweep.goal, "variants": index}, indent=2) + "\n")
-    return results
+    return results, picked

@@ -23,13 +23,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sweep.tracking.reader import TrialRun, parse_param
+from sweep.tracking.reader import NOT_CONFIG, TrialRun, parse_param
 
 EVALUATORS = ("fanova", "ped-anova")
 # Below these counts the scores are noise: a forest on 4 points, or a "top" set of 1 trial.
 MIN_TRIALS = {"fanova": 5, "ped-anova": 10}
 ABSENT = "(absent)"  # marks a field the trial's adapter lacks (adapter.r for ln_tuning); imputed below
-NOT_PARAMS = {"seed", "trial_id"}  # repeats and ids, not choices the sweep makes
+NOT_PARAMS = NOT_CONFIG  # repeats and ids, not choices the sweep makes
 SEED = 0  # the forest's seed: the same runs give the same scores
 
 
