@@ -5,7 +5,6 @@ seconds to import, and `sweep plan` should not pay for them."""
 
 from __future__ import annotations
 
-import difflib
 import json
 import os
 import signal
@@ -34,18 +33,6 @@ def _open_sweep(name: Optional[str], tracking_uri: Optional[str], experiment: Op
     return open_sweep(name, tracking_uri, experiment)
 
 
-def _check_by(fields: list[str], trials) -> None:
-    known = {k for t in trials for k in (*t.params, *t.tags)}
-    problems = []
-    for f in fields:
-        if f not in known:
-            close = difflib.get_close_matches(f, sorted(known), n=1)
-            hint = f"did you mean {close[0]!r}?" if close else "use a trial param such as adapter.r or trainer.learning_rate"
-            problems.append(f"--by {f}: no trial has this param or tag ({hint})")
-    if problems:
-        fail(problems)
-
-
 @app.command("table")
 def table_cmd(
     name: Optional[str] = typer.Argument(None, help=_NAME_HELP),
@@ -64,7 +51,7 @@ def table_cmd(
     from sweep.results.peft_mc import write_results
     from sweep.results.plots import make_plots
     from sweep.results.render import log_to_parent, render
-    from sweep.results.table import build_table
+    from sweep.results.table import build_table, by_problems
     from sweep.tracking.reader import require_trials
 
     if fmt not in TABLE_FORMATS:
@@ -74,7 +61,9 @@ def table_cmd(
     client, sweep = _open_sweep(name, tracking_uri, experiment)
     table = build_table(client, sweep, by or [])
     require_trials(table.trials, sweep)
-    _check_by(by or [], table.trials)
+    problems = by_problems(by or [], table.trials)
+    if problems:
+        fail(problems)
 
     ranked = None
     if importance:
@@ -129,13 +118,15 @@ def export_cmd(
     experiment: Optional[str] = typer.Option(None, "--experiment", help="MLflow experiment holding the sweep."),
     out_dir: Optional[Path] = typer.Option(None, "--out", help="Output folder (default: ./<sweep>-best)."),
     by_variant: bool = typer.Option(False, "--by-variant", help="Export the best trial of every variant, one subfolder each."),
+    by: Optional[list[str]] = typer.Option(None, "--by", help="Compare the choice with rows split by this param too, "
+                                                              "as `sweep table --by` (repeatable)."),
 ) -> None:
     """Export the best finished trial: best.yaml (Ludwig), adapter/ (PEFT), trial.json, spec.yaml."""
     from sweep.results.export import export_best
 
     client, sweep = _open_sweep(name, tracking_uri, experiment)
     target = out_dir if out_dir is not None else Path(f"{sweep.name}-best")
-    results, picked = export_best(client, sweep, target, by_variant=by_variant)
+    results, picked = export_best(client, sweep, target, by_variant=by_variant, by=by or [])
     for r in results:
         out.print(
             f"{r.trial.variant}: trial {r.trial.trial_id} ({sweep.metric} {r.value:.6g}) -> {r.out_dir}/ "

@@ -166,17 +166,20 @@ def _dir_name(variant: str) -> str:
 
 
 def export_best(
-    client: MlflowClient, parent_run_id: str | Sweep, out_dir: str | Path, *, by_variant: bool = False
+    client: MlflowClient, parent_run_id: str | Sweep, out_dir: str | Path, *, by_variant: bool = False,
+    by: tuple[str, ...] | list[str] = (),
 ) -> tuple[list[Exported], dict[str, Any]]:
     """Export the best finished trial (or, with by_variant, the best of each variant into
     `out_dir/<variant>/`), and `selection.json`: the chosen trial and the rows statistically
-    tied with it. Returns the exports and that selection."""
-    from sweep.results.table import build_table
+    tied with it (rows as `sweep table --by` splits them). Returns the exports and that selection."""
+    from sweep.results.table import build_table, by_problems
 
     sweep = parent_run_id if isinstance(parent_run_id, Sweep) else load_sweep(client, parent_run_id)
-    table = build_table(client, sweep)
+    table = build_table(client, sweep, by)
     trials = table.trials
     require_trials(trials, sweep, finished=True)
+    if by_problems(by, trials):
+        raise SweepLookupError(by_problems(by, trials))
     out = Path(out_dir)
     groups: dict[str, list[TrialRun]] = {}
     if by_variant:

@@ -294,6 +294,20 @@ def build_table(client: MlflowClient, parent_run_id: str | Sweep, by: Sequence[s
     return table
 
 
+def by_problems(fields: Sequence[str], trials: Sequence[TrialRun]) -> list[str]:
+    """One line per `--by` field that no trial has, with the nearest name."""
+    import difflib
+
+    known = {k for t in trials for k in (*t.params, *t.tags)}
+    problems = []
+    for f in fields:
+        if f not in known:
+            close = difflib.get_close_matches(f, sorted(known), n=1)
+            hint = f"did you mean {close[0]!r}?" if close else "use a trial param such as adapter.r or trainer.learning_rate"
+            problems.append(f"--by {f}: no trial has this param or tag ({hint})")
+    return problems
+
+
 # --- formatting -----------------------------------------------------------------------
 
 

@@ -101,7 +101,7 @@ def test_export_names_the_tied_rows_and_its_prediction_regenerates(planted, mlfl
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    result = sweep_cli("export", NAME, "--tracking-uri", mlflow_server.uri, "--out", str(tmp_path / "best"),
+    result = sweep_cli("export", NAME, "--tracking-uri", mlflow_server.uri, "--out", str(tmp_path / "best"), *ROWS,
                        cluster=ray_cluster)
     assert result.returncode == 0, show(result)
     assert "is the best, but statistically tied with: lora" in result.stdout
