@@ -138,10 +138,13 @@ def read_pairs(path: str | Path, prompt_field: str, response_field: str, role: s
     p = Path(path).expanduser()
     if not p.exists():
         raise TrialError(f"data.{role} {str(path)!r}: no such file or directory")
-    pairs = [
-        (_field(p, where, row, prompt_field, "prompt_field"), _field(p, where, row, response_field, "response_field"))
-        for where, row in _rows(p, role)
-    ]
+    pairs = []
+    for where, row in _rows(p, role):
+        prompt = _field(p, where, row, prompt_field, "prompt_field")
+        response = _field(p, where, row, response_field, "response_field")
+        if not response.strip():
+            raise TrialError(f"{p} {where}: field {response_field!r} is empty; every example needs a response to learn")
+        pairs.append((prompt, response))
     if not pairs:
         raise TrialError(f"{p}: no examples (the {role} data is empty)")
     return pairs
@@ -174,6 +177,20 @@ def tokenize(pairs: list[tuple[str, str]], tokenizer: PreTrainedTokenizerBase, m
         log.warning("%s: dropped %d of %d examples whose response does not fit in max_length=%d",
                     source, dropped, len(pairs), max_length)
     return out
+
+
+def pair_stats(pairs: list[tuple[str, str]], tokenizer: PreTrainedTokenizerBase, max_length: int) -> dict[str, int]:
+    """What tokenizing these pairs gives, without building examples: the tokens kept, how many
+    examples are cut at max_length, and how many lose their whole response (dropped)."""
+    prompts = tokenizer([p for p, _ in pairs])["input_ids"]
+    responses = tokenizer([r for _, r in pairs], add_special_tokens=False)["input_ids"]
+    lengths = [(len(p), len(p) + len(r) + 1) for p, r in zip(prompts, responses)]  # + EOS
+    return {
+        "examples": len(pairs),
+        "tokens": sum(min(full, max_length) for _, full in lengths),
+        "truncated": sum(full > max_length for _, full in lengths),
+        "dropped": sum(prompt >= max_length for prompt, _ in lengths),
+    }
 
 
 def read_texts(path: str | Path) -> list[str]:

@@ -21,10 +21,13 @@ def plan(
     as_json: bool = typer.Option(False, "--json", help="Print the plan as JSON."),
     write_trials: Optional[Path] = typer.Option(None, help="Write every trial as DIR/<trial_id>.json."),
     skip_invalid: bool = typer.Option(False, help="Drop invalid trials (with their reason) instead of failing."),
+    config_only: bool = typer.Option(False, "--config-only", help="Check shapes from the model's config.json alone "
+                                                                    "(no weight files needed; `sweep run` needs them)."),
 ) -> None:
-    """Expand the spec, check every trial against the model's real module shapes, launch nothing."""
+    """Expand the spec, check every trial against the model's real module shapes and every data
+    file once, launch nothing."""
     sweep_spec, spec_dir = load_spec(spec)
-    result = make_plan(sweep_spec, spec_dir)
+    result = make_plan(sweep_spec, spec_dir, config_only=config_only)
     if result.rejected and not skip_invalid:
         fail([f"{r.where}: {line}" for r in result.rejected for line in r.lines])
     for r in result.rejected:
@@ -53,6 +56,12 @@ def plan(
     if sweep_spec.search.strategy == "optuna":
         out.print(f"optuna samples {sweep_spec.search.num_samples} trials from {len(result.candidates)} adapter configurations while running")
     out.print(f"base model parameters: {result.base_params:,}")
+    for r in result.data:
+        tokens = "" if r.tokens is None else (
+            f", {r.tokens:,} tokens, {r.truncated_share:.1%} truncated at max_length={sweep_spec.data.max_length}"
+            + (f", {r.dropped} dropped (no response left)" if r.dropped else ""))
+        out.print(f"data.{r.role}: {r.examples:,} {'documents' if r.role == 'forgetting' else 'examples'}{tokens} "
+                  f"({escape(r.path)})", highlight=False, soft_wrap=True)
     for t in result.trials:
         for w in t.warnings:
             out.print(f"[yellow]warning[/] {t.trial.trial_id}: {escape(w)}", highlight=False, soft_wrap=True)

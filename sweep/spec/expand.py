@@ -169,8 +169,11 @@ def expand(spec: SweepSpec, spec_dir: Path) -> Expansion:
         try:
             trial = build_trial(inputs, adapter, trainer, seed)
         except ValidationError as err:
-            lines = [f"search.trainer.{field_path(tuple(e['loc']))}: {_clean(e['msg'])}" for e in err.errors()]
-            result.rejected.append(Rejected(f"trainer {trainer}", lines))
+            # The field and the value, not the whole combination (schema checks grid values
+            # already; this catches values sampled from a distribution).
+            lines = [f"search.trainer.{field_path(tuple(e['loc']))}: {_clean(e['msg'])} (got {e.get('input')!r})"
+                     for e in err.errors()]
+            result.rejected.append(Rejected("sampled trainer values", lines))
             return
         if trial.trial_id not in seen:
             seen.add(trial.trial_id)

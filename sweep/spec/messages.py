@@ -17,6 +17,8 @@ def field_path(loc: tuple) -> str:
     parts: list[str] = []
     for i, item in enumerate(loc):
         if isinstance(item, int):
+            if i and loc[i - 1] == "grid":
+                continue  # a value of a trainer grid: the message names the value itself
             parts.append(f"[{item}]")
             continue
         previous = loc[i - 1] if i else None
@@ -26,6 +28,10 @@ def field_path(loc: tuple) -> str:
             continue
         parts.append(("." if parts else "") + item)
     return "".join(parts) or "spec"
+
+
+_BOUNDS = {"greater_than_equal": (">=", "ge"), "greater_than": (">", "gt"), "less_than": ("<", "lt"),
+           "less_than_equal": ("<=", "le")}
 
 
 def _message(err: dict) -> str:
@@ -42,6 +48,10 @@ def _message(err: dict) -> str:
         close = difflib.get_close_matches(str(tag), names, n=1)
         hint = f"did you mean {close[0]!r}?" if close else f"use one of {expected}"
         return f"unknown type {tag!r} ({hint})"
+    bound = _BOUNDS.get(kind)
+    if bound is not None:
+        op, key = bound
+        return f"must be {op} {err['ctx'][key]} (got {err['input']!r})"
     msg = err["msg"]
     if msg.startswith("Value error, "):
         msg = msg[len("Value error, "):]

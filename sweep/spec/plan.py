@@ -8,12 +8,14 @@ gives the exact trainable-parameter count and the modules the adapter really tar
 from __future__ import annotations
 
 import json
+import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from sweep.errors import SpecError
+from sweep.spec.data_check import DataReport, check_data, load_plan_tokenizer, weight_problems
 from sweep.spec.expand import DATA_FILES, Candidate, Expansion, Rejected, expand, resolve_model
 from sweep.spec.schema import SweepSpec
 from trials.adapters import FAMILIES, Issue, PlanContext, TargetShape
@@ -53,6 +55,8 @@ class Plan:
     trials: list[TrialPlan] = field(default_factory=list)
     rejected: list[Rejected] = field(default_factory=list)
     candidates: list[tuple[dict[str, Any], AdapterCheck]] = field(default_factory=list)  # one per expansion candidate
+    data: list[DataReport] = field(default_factory=list)  # each data file, read once
+    data_check_s: float = 0.0
 
     @property
     def ok(self) -> bool:
@@ -79,6 +83,7 @@ class Plan:
                 for t in self.trials
             ],
             "invalid": [{"where": r.where, "trial_id": r.trial_id, "errors": r.lines} for r in self.rejected],
+            "data": [r.to_json() for r in self.data],
             "candidates": [
                 {"adapter": a, "trainable_params": c.trainable, "errors": list(c.errors), "warnings": list(c.warnings)}
                 for a, c in self.candidates
@@ -206,8 +211,18 @@ def _check_data(spec: SweepSpec, spec_dir: Path) -> list[str]:
     return lines
 
 
-def make_plan(spec: SweepSpec, spec_dir: Path, *, expansion: Expansion | None = None) -> Plan:
-    """Expand the spec and check every trial; raises SpecError for problems of the whole spec."""
+def _largest_batch(spec: SweepSpec, expansion: Expansion) -> int:
+    if expansion.trials:
+        return max(t.trainer.batch_size for t in expansion.trials)
+    values = spec.search.trainer.batch_size
+    return max(values) if isinstance(values, list) else 1
+
+
+def make_plan(spec: SweepSpec, spec_dir: Path, *, expansion: Expansion | None = None,
+              config_only: bool = False) -> Plan:
+    """Expand the spec and check every trial; raises SpecError for problems of the whole spec
+    (data, weights). `config_only` checks shapes from config.json alone: no weights needed,
+    and tokens are counted only when the folder has a tokenizer."""
     problems = _check_data(spec, spec_dir)
     if problems:
         raise SpecError(problems)
@@ -219,11 +234,22 @@ def make_plan(spec: SweepSpec, spec_dir: Path, *, expansion: Expansion | None = 
         if not Path(model_path).is_absolute():
             e.lines[0] += f" (no folder {spec_dir / spec.model.base_model} either)"
         raise
+    model = expansion.inputs.resolved["model"]
+    problems = [] if config_only else weight_problems(model_path)
+    tokenizer, no_tokenizer = load_plan_tokenizer(model)
+    if tokenizer is None and not config_only:
+        problems.append(no_tokenizer)
+    started = time.perf_counter()
+    reports, data_problems = check_data(expansion.inputs.resolved["data"], tokenizer,
+                                        workers=spec.resources.workers_per_trial,
+                                        batch_size=_largest_batch(spec, expansion))
+    if problems + data_problems:
+        raise SpecError(problems + data_problems)
     ctx = PlanContext(gpus=spec.resources.gpus_per_worker > 0)
 
     checks: dict[str, AdapterCheck] = {}
     plan = Plan(spec=spec, spec_dir=spec_dir, base_params=shapes.base_params, expansion=expansion,
-                rejected=list(expansion.rejected))
+                rejected=list(expansion.rejected), data=reports, data_check_s=time.perf_counter() - started)
 
     def check(adapter: Any) -> AdapterCheck:
         key = json.dumps(adapter.model_dump(mode="json") if hasattr(adapter, "model_dump") else adapter, sort_keys=True)

@@ -85,7 +85,10 @@ def _grid_fields(concrete: type[Strict], with_distribution: bool) -> dict[str, A
             continue
         default: Any = info.default_factory() if info.default_factory else info.default
         if is_scalar(info.annotation):
-            fields[name] = (_grid_type(info.annotation, with_distribution), Field([default], description=info.description))
+            # Each grid value keeps the concrete field's constraints (batch_size >= 1, ...), so a
+            # bad value is refused in the first validation pass, named by its field.
+            item = Annotated[(info.annotation, *info.metadata)] if info.metadata else info.annotation
+            fields[name] = (_grid_type(item, with_distribution), Field([default], description=info.description))
         else:
             fields[name] = (info.annotation, Field(default, description=info.description))
     return fields

@@ -67,15 +67,33 @@ PAGE_SIZE = 1000  # runs per search request (MLflow's maximum page)
 
 
 def tracking_uri(cli_uri: str | None = None, spec_uri: str | None = None, spec_dir: Path | None = None) -> str:
-    """The tracking URI by the one rule (module docstring), absolute."""
-    if cli_uri:
-        return absolute_uri(cli_uri, Path.cwd())
+    """The tracking URI by the one rule (module docstring), absolute, with a scheme MLflow has
+    a store for."""
     env = os.environ.get("MLFLOW_TRACKING_URI")
-    if env:
-        return absolute_uri(env, Path.cwd())
-    if spec_uri:
-        return absolute_uri(spec_uri, spec_dir or Path.cwd())
-    return absolute_uri(DEFAULT_URI, Path.cwd())
+    if cli_uri:
+        uri, source = absolute_uri(cli_uri, Path.cwd()), "--tracking-uri"
+    elif env:
+        uri, source = absolute_uri(env, Path.cwd()), "MLFLOW_TRACKING_URI"
+    elif spec_uri:
+        uri, source = absolute_uri(spec_uri, spec_dir or Path.cwd()), "tracking.uri"
+    else:
+        uri, source = absolute_uri(DEFAULT_URI, Path.cwd()), "the default tracking URI"
+    check_scheme(uri, source)
+    return uri
+
+
+def check_scheme(uri: str, source: str) -> None:
+    """Refuse, before anything starts, a URI no installed MLflow tracking store serves (MLflow
+    itself would fail later with a traceback)."""
+    from urllib.parse import urlparse
+
+    from mlflow.tracking._tracking_service.utils import _tracking_store_registry
+
+    scheme = urlparse(uri).scheme
+    known = sorted(k for k in _tracking_store_registry._registry if k)
+    if scheme and scheme not in known:
+        raise SweepLookupError([f"{source} {split_credentials(uri)[0]!r}: MLflow has no tracking store for "
+                                f"'{scheme}:' URIs; use a path, or one of {', '.join(k + ':' for k in known)}"])
 
 
 def use_credentials(uri: str) -> tuple[str, dict[str, str]]:

@@ -21,19 +21,30 @@ runner = CliRunner()
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
-    """A small Llama config (no weights): q_proj 64x64, k/v_proj 64->32, mlp 64<->128."""
-    from transformers import LlamaConfig
+    """A small Llama with random weights and the tiny model's character tokenizer: q_proj
+    64x64, k/v_proj 64->32, mlp 64<->128."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from trials.tiny import build_tokenizer
 
     path = tmp_path_factory.mktemp("small-llama")
-    LlamaConfig(
-        vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+    tokenizer = build_tokenizer()
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-    ).save_pretrained(path)
+    )
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
     return path
 
 
+TRAIN_ROWS = "".join(f'{{"prompt": "copy {w} =", "response": " {w}"}}\n' for w in ("ab", "cd", "ef", "gh") * 10)
+
+
 def write_spec(tmp_path: Path, model_dir: Path, adapters: list[dict], **extra) -> Path:
-    (tmp_path / "train.jsonl").write_text('{"prompt": "a", "response": " b"}\n')
+    (tmp_path / "train.jsonl").write_text(TRAIN_ROWS)
     spec = {
         "name": "t",
         "model": {"base_model": str(model_dir)},
@@ -130,7 +141,7 @@ def test_top_level_mistakes(tmp_path, model_dir):
     [
         ({"evaluation": {"generate": True, "answer_pattern": "(unclosed"}}, ["evaluation.answer_pattern", "not a valid regular expression"]),
         ({"evaluation": {"generate": True, "answer_pattern": "####"}}, ["evaluation.answer_pattern", "needs a group"]),
-        ({"evaluation": {"generate": True, "max_new_tokens": 0}}, ["evaluation.max_new_tokens", "greater than or equal to 1"]),
+        ({"evaluation": {"generate": True, "max_new_tokens": 0}}, ["evaluation.max_new_tokens: must be >= 1 (got 0)"]),
         ({"metric": {"name": "eval_exact_match"}}, ["metric.name", "set evaluation.generate: true"]),
         ({"metric": {"name": "eval_answer_accuracy"}, "evaluation": {"generate": True}}, ["evaluation.answer_pattern"]),
         ({"metric": {"name": "accuracy"}}, ["metric.name", "no trial reports 'accuracy'", "eval_exact_match"]),
@@ -151,6 +162,55 @@ def test_metric_goal_defaults_to_its_direction(tmp_path, model_dir):
     spec, _ = load_spec(write_spec(tmp_path, model_dir, [{"type": "lora"}], metric={"name": "eval_exact_match"},
                                    evaluation={"generate": True}))
     assert spec.metric.goal == "maximize"
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "needles"),
+    [
+        ("train.jsonl", "", ["train.jsonl", "no examples"]),
+        ("train.jsonl", TRAIN_ROWS + "{oops\n", ["train.jsonl line 41", "not valid JSON"]),
+        ("train.jsonl", '{"question": "a", "response": " b"}\n', ["line 1", "field 'prompt' is missing", "data.prompt_field"]),
+        ("train.jsonl", TRAIN_ROWS + '{"prompt": "a", "response": null}\n', ["line 41", "'response' must be a string, got null"]),
+        ("train.jsonl", '{"prompt": "a", "response": "  "}\n' + TRAIN_ROWS, ["line 1", "'response' is empty"]),
+        ("train.txt", "a b\n", ["unsupported format", ".jsonl, .csv"]),
+        ("train.jsonl", "".join(TRAIN_ROWS.splitlines(True)[:5]), ["training examples, fewer than one optimizer step", "batch_size 8 x 2 workers"]),
+    ],
+)
+def test_data_problems_are_plan_errors(tmp_path, model_dir, name, content, needles):
+    """Each data file is read at plan time with the trial's own readers: one line naming the
+    file, the line and the field, exit 2, before anything starts."""
+    path = write_spec(tmp_path, model_dir, [{"type": "lora"}], data={"train": name})
+    (tmp_path / name).write_text(content)
+    assert_user_error(plan_cli(path), *needles)
+
+
+def test_a_model_folder_without_weights_is_refused_unless_config_only(tmp_path, model_dir):
+    import shutil
+
+    bare = tmp_path / "bare-model"
+    bare.mkdir()
+    for f in model_dir.iterdir():
+        if not f.name.endswith(".safetensors"):
+            shutil.copy(f, bare / f.name)
+    path = write_spec(tmp_path, model_dir, [{"type": "lora"}], model={"base_model": str(bare)})
+    assert_user_error(plan_cli(path), "model.base_model", "has no weight files", "--config-only")
+    assert plan_cli(path, "--config-only").exit_code == 0
+    (bare / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"a": "model-00001-of-00002.safetensors"}}))
+    assert_user_error(plan_cli(path), "1 of the 1 shards", "model-00001-of-00002.safetensors")
+
+
+def test_plan_reports_each_data_file_with_tokens_and_truncation(tmp_path, model_dir):
+    (tmp_path / "eval.jsonl").write_text('{"prompt": "copy abcdef =", "response": " abcdef"}\n')
+    path = write_spec(tmp_path, model_dir, [{"type": "lora"}], data={"eval": "eval.jsonl", "max_length": 16})
+    result = plan_cli(path, "--json")
+    assert result.exit_code == 0, result.output
+    reports = {r["role"]: r for r in json.loads(result.output)["data"]}
+    # "copy ab =" is BOS + 9 characters, " ab" 3 more, then EOS: 14 tokens, under max_length 16.
+    assert reports["train"] == {"role": "train", "path": str(tmp_path / "train.jsonl"), "examples": 40,
+                                "tokens": 40 * 14, "truncated": 0, "dropped": 0, "truncated_share": 0.0}
+    assert reports["eval"]["examples"] == 1 and reports["eval"]["truncated"] == 1 and reports["eval"]["tokens"] == 16
+    text = plan_cli(path).output
+    assert "data.train: 40 examples, 560 tokens, 0.0% truncated at max_length=16" in text
 
 
 def test_all_problems_reported_at_once(tmp_path, model_dir):
@@ -290,3 +350,12 @@ def test_cli_process_exit_code_and_no_traceback(tmp_path, model_dir):
     proc = subprocess.run([sys.executable, "-m", "sweep", "plan", str(path)], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2
     assert "adapter.block_size" in proc.stderr and "Traceback" not in proc.stderr + proc.stdout
+
+
+def test_trainer_bounds_are_checked_first_and_name_only_field_and_value(tmp_path, model_dir):
+    path = write_spec(tmp_path, model_dir, [{"type": "lora"}],
+                      search={"trainer": {"batch_size": 0, "learning_rate": [1e-3, -1.0], "warmup_ratio": 1.5}})
+    result = plan_cli(path)
+    assert_user_error(result, "search.trainer.batch_size: must be >= 1 (got 0)",
+                      "search.trainer.learning_rate: must be > 0", "(got -1.0)", "search.trainer.warmup_ratio: must be < 1")
+    assert "{" not in result.output  # never a dump of the combination
