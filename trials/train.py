@@ -62,16 +62,28 @@ def run_trial(cfg: TrialConfig, out_dir: str | Path, reporter: Reporter | None =
             dist.destroy_process_group()
 
 
-def deepspeed_config(cfg: TrialConfig, world_size: int, dtype: torch.dtype) -> dict[str, Any]:
+# ZeRO-1/2 allocate their gradient buckets up front at DeepSpeed's default 5e8 elements (1-4 GB
+# per GPU) whatever is trained; an adapter's gradients need a bucket its own size.
+MIN_BUCKET, MAX_BUCKET = 50_000_000, 500_000_000
+
+
+def bucket_size(trainable: int) -> int:
+    return int(min(MAX_BUCKET, max(trainable, MIN_BUCKET)))
+
+
+def deepspeed_config(cfg: TrialConfig, world_size: int, dtype: torch.dtype, trainable: int = MAX_BUCKET) -> dict[str, Any]:
     import torch
 
     tc = cfg.trainer
+    zero: dict[str, Any] = {"stage": cfg.deepspeed.zero_stage}
+    if cfg.deepspeed.zero_stage in (1, 2):
+        zero.update(reduce_bucket_size=bucket_size(trainable), allgather_bucket_size=bucket_size(trainable))
     return {
         "train_micro_batch_size_per_gpu": tc.batch_size,
         "gradient_accumulation_steps": tc.gradient_accumulation_steps,
         "train_batch_size": tc.batch_size * tc.gradient_accumulation_steps * world_size,
         "gradient_clipping": tc.max_grad_norm,
-        "zero_optimization": {"stage": cfg.deepspeed.zero_stage},
+        "zero_optimization": zero,
         "bf16": {"enabled": dtype == torch.bfloat16},
         "fp16": {"enabled": dtype == torch.float16},
         "steps_per_print": 2**31 - 1,
@@ -153,7 +165,9 @@ class _Trial:
         self.reporter.on_setup(info)
         engine = self._engine(model, dtype)
         # What DeepSpeed actually built, read back from the engine (not the config we asked for).
-        info["engine"] = {"zero_stage": int(engine.zero_optimization_stage()), "dp_world_size": int(engine.dp_world_size)}
+        info["engine"] = {"zero_stage": int(engine.zero_optimization_stage()), "dp_world_size": int(engine.dp_world_size),
+                          "reduce_bucket_size": int(engine.zero_reduce_bucket_size()),
+                          "allgather_bucket_size": int(engine.zero_allgather_bucket_size())}
         try:
             result = self._train(engine, splits.train, splits.eval, info)
             result.update(self._final(engine, splits))
@@ -250,7 +264,8 @@ class _Trial:
                                       lr=tc.learning_rate, weight_decay=tc.weight_decay)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(tc.max_steps, tc.warmup_ratio))
         engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                               config=deepspeed_config(self.cfg, self.world.size, dtype))
+                                               config=deepspeed_config(self.cfg, self.world.size, dtype,
+                                                                       count_params(model)[0]))
         self.scheduler = scheduler
         return engine
 

@@ -205,6 +205,33 @@ def test_every_zero_stage_trained_on_two_workers(variant_runs):
     assert {n: e["zero_stage"] for n, e in engines.items()} == {n: stage for n, (_, stage, _) in VARIANTS.items()}
     assert {e["zero_stage"] for e in engines.values()} == {0, 1, 2, 3}
     assert {n: e["dp_world_size"] for n, e in engines.items()} == {n: 2 for n in VARIANTS}
+    # ZeRO-1/2 gradient buckets sized to the adapter (here the 5e7 floor), not DeepSpeed's 5e8 default.
+    for n, e in engines.items():
+        if e["zero_stage"] in (1, 2):
+            assert e["reduce_bucket_size"] == e["allgather_bucket_size"] == 50_000_000, (n, e)
+
+
+def test_bucket_size_follows_the_trainable_count():
+    from trials.config import TrialConfig
+    from trials.train import bucket_size, deepspeed_config
+
+    assert bucket_size(14_336) == 50_000_000 and bucket_size(80_000_000) == 80_000_000
+    assert bucket_size(8_000_000_000) == 500_000_000  # a full fine-tune keeps DeepSpeed's default
+    cfg = TrialConfig.model_validate(trial(Path("/m"), {"type": "lora"}, stage=2))
+    zero = deepspeed_config(cfg, 2, None, trainable=60_000_000)["zero_optimization"]
+    assert zero == {"stage": 2, "reduce_bucket_size": 60_000_000, "allgather_bucket_size": 60_000_000}
+    cfg3 = TrialConfig.model_validate(trial(Path("/m"), {"type": "lora"}, stage=3))
+    assert deepspeed_config(cfg3, 2, None, trainable=1)["zero_optimization"] == {"stage": 3}
+
+
+def test_loftq_accepts_only_the_bit_widths_peft_quantizes():
+    from pydantic import ValidationError
+
+    from trials.adapters.lora import LoraFields
+
+    assert LoraFields(init_lora_weights="loftq", loftq_bits=8).loftq_bits == 8
+    with pytest.raises(ValidationError, match="use 4 \\(NF4\\) or 8 \\(int8\\)"):
+        LoraFields(init_lora_weights="loftq", loftq_bits=2)
 
 
 @pytest.mark.slow

@@ -24,7 +24,7 @@ class LoraFields(FamilyFields):
     use_dora: bool = False
     rank_pattern: dict[str, int] = Field(default_factory=dict, description="Regex of module name -> rank override.")
     alpha_pattern: dict[str, float] = Field(default_factory=dict, description="Regex of module name -> alpha override.")
-    loftq_bits: int = Field(4, description="LoftQ quantization bits (loftq only).")
+    loftq_bits: int = Field(4, description="LoftQ quantization bits, 4 (NF4) or 8 (int8) (loftq only).")
     loftq_iter: int = Field(1, ge=1, description="LoftQ alternating steps (loftq only).")
     corda_method: Literal["ipm", "kpm"] = Field(
         "ipm", description="CorDA mode: ipm keeps knowledge (instruction-previewed), kpm keeps world knowledge (corda only)."
@@ -41,8 +41,10 @@ class LoraFields(FamilyFields):
     @field_validator("loftq_bits")
     @classmethod
     def _bits(cls, v: int) -> int:
-        if v not in (2, 4, 8):
-            raise ValueError("loftq_bits must be 2, 4 or 8")
+        # PEFT's LoftQ quantizes with bitsandbytes NF4 or int8 only ("Only nf4 and int8
+        # quantization is supported"); 2 bits would pass here and fail in every trial.
+        if v not in (4, 8):
+            raise ValueError("use 4 (NF4) or 8 (int8): PEFT's LoftQ supports no other bit width")
         return v
 
 
