@@ -30,7 +30,33 @@ def _open_sweep(name: Optional[str], tracking_uri: Optional[str], experiment: Op
 
     # Per-download progress bars would interleave with the table on the terminal.
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    return open_sweep(name, tracking_uri, experiment)
+    if name is not None and tracking_uri is None and not os.environ.get("MLFLOW_TRACKING_URI"):
+        tracking_uri, experiment = _indexed_store(name, experiment)
+    try:
+        return open_sweep(name, tracking_uri, experiment)
+    except SweepLookupError as err:
+        from sweep.launch import state
+
+        known = sorted(state.INDEX.read())
+        if known and name is not None:
+            err.lines.append(f"sweeps this machine ran or submitted: {', '.join(known)}")
+        raise
+
+
+def _indexed_store(name: str, experiment: Optional[str]) -> tuple[Optional[str], Optional[str]]:
+    """A sweep name this machine ran or submitted: its own tracking URI and experiment, from
+    the sweep's state (found through the same index `sweep status` and `resume` use), so the
+    commands work from any folder. A spec path or an unknown name resolves as before."""
+    from sweep.errors import StateError
+    from sweep.launch import state
+
+    if name.endswith((".yaml", ".yml")) or Path(name).is_file():
+        return None, experiment
+    try:
+        st = state.load(state.locate(name))
+    except (StateError, OSError, ValueError):
+        return None, experiment
+    return st.tracking_uri, experiment or None
 
 
 @app.command("table")

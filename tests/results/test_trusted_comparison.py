@@ -123,3 +123,15 @@ def test_export_names_the_tied_rows_and_its_prediction_regenerates(planted, mlfl
         out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False,
                              pad_token_id=tokenizer.pad_token_id)
     assert tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True) == first["prediction"]
+
+
+def test_the_sweep_is_found_by_name_from_any_folder(planted, ray_cluster, tmp_path):
+    """No --tracking-uri, no MLFLOW_TRACKING_URI, another folder: the name resolves through the
+    index of sweeps this machine ran to the sweep's own store."""
+    result = sweep_cli("table", NAME, "--format", "json", "--no-log", *ROWS, cluster=ray_cluster, cwd=tmp_path)
+    assert result.returncode == 0, show(result)
+    again = json.loads(result.stdout)
+    assert again["parent_run_id"] == planted["table"]["parent_run_id"]
+    assert [r["mean"] for r in again["rows"]] == [r["mean"] for r in planted["table"]["rows"]]
+    unknown = sweep_cli("table", "no-such-sweep-here", cluster=ray_cluster, cwd=tmp_path)
+    assert unknown.returncode == 2 and "Traceback" not in unknown.stderr
