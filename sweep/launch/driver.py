@@ -20,7 +20,7 @@ from sweep.launch.early_stop import board_name, start_board, stop_board
 from sweep.launch.forwarding import start_box, stop_box, values_of
 from sweep.launch.progress import Progress, attach, detach
 from sweep.launch.reconcile import Reconciler, close_orphans
-from sweep.launch.runtime import init_ray, quiet_ray_logs, worker_env
+from sweep.launch.runtime import init_ray, local_resource_problems, quiet_ray_logs, worker_env
 from sweep.launch.search import optuna_space, tune_configs, tune_run_config
 from sweep.launch.trial_fn import make_trainable
 from sweep.spec import Plan, load_spec, make_plan
@@ -123,6 +123,8 @@ def run_sweep(spec, spec_path: Path, spec_dir: Path, plan: Plan, *, address: str
         )
     uri, creds = layout.use_credentials(layout.tracking_uri(cli_uri, spec.tracking.uri, spec_dir))
     forwarded = values_of(list(forward_env), creds)  # every name set, or exit 2 before anything starts
+    if address is None and (problems := local_resource_problems(spec)):
+        raise LaunchError(problems)
     layout.check_server(uri)
     dashboard = init_ray(address, worker_env(spec), verbose=verbose)
     client = layout.client(uri)
@@ -165,8 +167,11 @@ def resume_sweep(name_or_path: str, *, address: str | None, quiet: bool, verbose
         raise LaunchError(f"the tracking server of sweep {st.name} took credentials from its URI; set "
                           f"{' and '.join(absent)} in this shell to resume it")
     forwarded = values_of(st.forward_env, {n: os.environ[n] for n in st.tracking_credentials})
+    target = address if address is not None else st.address
+    if target is None and (problems := local_resource_problems(spec)):
+        raise LaunchError(problems)
     layout.check_server(st.tracking_uri)
-    dashboard = init_ray(address if address is not None else st.address, worker_env(spec), verbose=verbose)
+    dashboard = init_ray(target, worker_env(spec), verbose=verbose)
     client = layout.client(st.tracking_uri)
     runs.reopen(client, st.parent_run_id)
     ctx = build_context(spec, plan, tracking_uri=st.tracking_uri, experiment_id=st.experiment_id,

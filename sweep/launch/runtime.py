@@ -45,6 +45,27 @@ def is_local_address(address: str | None) -> bool:
     return host in ("127.0.0.1", "localhost", "0.0.0.0", os.uname().nodename)
 
 
+def local_resource_problems(spec) -> list[str]:
+    """What one trial asks of the embedded runtime that this machine cannot give: its workers
+    share one placement group, which Ray would wait for forever (a silent hang)."""
+    from ray._private.accelerators import get_accelerator_manager_for_resource
+    from ray._private.utils import get_num_cpus
+
+    r = spec.resources
+    cpus, gpus = get_num_cpus(), get_accelerator_manager_for_resource("GPU").get_current_node_num_accelerators()
+    need_cpus, need_gpus = r.workers_per_trial * r.cpus_per_worker, r.workers_per_trial * r.gpus_per_worker
+    problems = []
+    if need_cpus > cpus:
+        problems.append(f"resources: one trial needs {need_cpus:g} CPUs in one placement group (workers_per_trial "
+                        f"{r.workers_per_trial} x cpus_per_worker {r.cpus_per_worker:g}) and this machine has {cpus}; "
+                        "lower them, or pass --address of a cluster that has them (nothing was started)")
+    if need_gpus > gpus:
+        problems.append(f"resources: one trial needs {need_gpus:g} GPUs (workers_per_trial {r.workers_per_trial} x "
+                        f"gpus_per_worker {r.gpus_per_worker:g}) and this machine has {gpus}; use gpus_per_worker: 0, "
+                        "or pass --address of a cluster with GPUs (nothing was started)")
+    return problems
+
+
 def init_ray(address: str | None, env: dict[str, str], *, verbose: bool) -> str | None:
     """Start an embedded Ray runtime, or connect to `address`; returns the dashboard URL."""
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
