@@ -28,6 +28,7 @@ from sweep.tracking import layout, runs
 from sweep.tracking.reader import best_of_sweep
 from sweep.util.secrets import redact_uri
 from sweep.util.storage import is_uri, join, read_bytes
+from trials.adapters import FAMILIES
 
 
 @dataclass
@@ -139,7 +140,7 @@ def run_sweep(spec, spec_path: Path, spec_dir: Path, plan: Plan, *, address: str
     ctx = build_context(spec, plan, tracking_uri=uri, experiment_id=experiment_id,
                         parent_run_id=parent_run_id, storage=storage)
     ctx.forwarded = sorted(forwarded)
-    _announce(console, quiet, spec, st, dashboard, uri)
+    _announce(console, quiet, spec, st, dashboard, uri, plan=plan)
     quiet_ray_logs(verbose)
     tune_config, param_space = tune_configs(spec, plan, ctx)
     tuner = tune.Tuner(make_trainable(ctx), param_space=param_space, tune_config=tune_config,
@@ -178,7 +179,7 @@ def resume_sweep(name_or_path: str, *, address: str | None, quiet: bool, verbose
                         parent_run_id=st.parent_run_id, storage=storage)
     ctx.finished = runs.finished_trials(client, st.experiment_id, st.parent_run_id)
     ctx.forwarded = sorted(forwarded)
-    _announce(console, quiet, spec, st, dashboard, st.tracking_uri, resumed=True)
+    _announce(console, quiet, spec, st, dashboard, st.tracking_uri, resumed=True, plan=plan)
     quiet_ray_logs(verbose)
     # Finished trials are kept; interrupted ones re-run from scratch (trials keep no checkpoints);
     # errored ones stay failed unless asked, since a deterministic failure would fail again.
@@ -214,8 +215,16 @@ def _finish(tuner, ctx, spec, st, client, total, forwarded: dict[str, str], *, q
     return outcome
 
 
-def _announce(console, quiet: bool, spec, st, dashboard: str | None, uri: str, resumed: bool = False) -> None:
+def _announce(console, quiet: bool, spec, st, dashboard: str | None, uri: str, resumed: bool = False,
+              plan: Plan | None = None) -> None:
     verb = "resuming" if resumed else "running"
+    if plan is not None:
+        variants = sorted({FAMILIES[t.trial.adapter.type].variant(t.trial.adapter) for t in plan.trials})
+        what = (f"{spec.search.num_samples} trials sampled by Optuna" if spec.search.strategy == "optuna"
+                else f"{len(plan.trials)} trials ({', '.join(variants)})")
+        where = f"Ray at {st.address}" if st.address else "a local Ray runtime"
+        console.print(f"plan: {what}, {spec.resources.workers_per_trial} DeepSpeed workers each, on {where}",
+                      highlight=False, soft_wrap=True)
     console.print(f"{verb} sweep {spec.name}: storage {st.storage}", highlight=False, soft_wrap=True)
     console.print(f"mlflow: {redact_uri(uri)} (experiment {spec.tracking.experiment or spec.name}, parent run {st.parent_run_id})",
                   highlight=False, soft_wrap=True)

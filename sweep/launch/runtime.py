@@ -69,6 +69,12 @@ def local_resource_problems(spec) -> list[str]:
 def init_ray(address: str | None, env: dict[str, str], *, verbose: bool) -> str | None:
     """Start an embedded Ray runtime, or connect to `address`; returns the dashboard URL."""
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+    if not verbose:
+        # A quiet start: the first lines a user sees are the plan and where the runs go. Ray
+        # announces its (default) token authentication at every start, MLflow every new store.
+        logging.getLogger("ray._private.authentication").setLevel(logging.ERROR)
+        for name in ("mlflow.store.db.utils", "alembic"):
+            logging.getLogger(name).setLevel(logging.WARNING)
     runtime_env: dict[str, Any] = {"env_vars": dict(env)}
     if not is_local_address(address):
         # A remote cluster may not have this project installed: ship both packages.

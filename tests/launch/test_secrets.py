@@ -36,6 +36,9 @@ def test_nothing_secret_is_kept_by_a_local_sweep(tmp_path, tiny_model, mlflow_se
     result = subprocess.run([sys.executable, "-m", "sweep", "run", str(spec), "--quiet", "--tracking-uri",
                             with_password], env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, show(result)
+    # A quiet start: the plan first, and no Ray banner about its default token authentication.
+    assert result.stdout.splitlines()[0].startswith("plan: 1 trials (lora), 2 DeepSpeed workers each, on a local Ray")
+    assert "Token authentication" not in result.stdout + result.stderr, show(result)
     _, children = sweep_runs(mlflow_server, "secrets-local")
     assert [c["info"]["status"] for c in children] == ["FINISHED"]  # rank 0 logged with the credentials
     state = json.loads((tmp_path / "runs" / "secrets-local" / "sweep_state.json").read_text())
