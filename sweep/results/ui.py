@@ -17,8 +17,10 @@ def base_url(port: int, host: str = HOST) -> str:
 
 
 def experiment_url(base: str, experiment_id: str, run_id: str | None = None) -> str:
-    url = f"{base.rstrip('/')}/#/experiments/{experiment_id}"
-    return f"{url}/runs/{run_id}" if run_id else url
+    """The experiment's runs table (MLflow 3's landing page of an experiment is its overview
+    tab), or one run's page."""
+    url = f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs"
+    return f"{url}/{run_id}" if run_id else url
 
 
 def start_ui(tracking_uri: str, port: int, host: str = HOST, log_path: str | Path | None = None) -> subprocess.Popen:

@@ -33,6 +33,7 @@ from sweep.tracking.layout import (
     EARLY_STOP_TAG,
     ERROR_FILE,
     ERROR_TAG,
+    EXPERIMENT_KIND_TAG,
     MAX_TAG_CHARS,
     PARENT_TAG,
     PLAN_FILE,
@@ -41,6 +42,7 @@ from sweep.tracking.layout import (
     SPEC_FILE,
     SUPERSEDED_TAG,
     SWEEP_TAG,
+    TRAINING_KIND,
     TRIAL_ID_TAG,
     TUNE_TRIAL_TAG,
     VARIANT_TAG,
@@ -57,17 +59,21 @@ if TYPE_CHECKING:
 
 
 def ensure_experiment(c: MlflowClient, name: str, uri: str) -> str:
+    """The sweep's experiment, marked as a training experiment: MLflow 3's UI otherwise opens
+    it as a GenAI experiment (an empty overview of traces) instead of its runs."""
     exp = c.get_experiment_by_name(name)
     if exp is not None:
         if exp.lifecycle_stage == "deleted":
             c.restore_experiment(exp.experiment_id)
+        if exp.tags.get(EXPERIMENT_KIND_TAG) != TRAINING_KIND:
+            c.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, TRAINING_KIND)
         return exp.experiment_id
     store = local_store_dir(uri)
     # A local store would otherwise put artifacts in ./mlruns of whichever process created
     # the experiment; keep them next to the database instead.
     location = (store / "mlartifacts" / name).as_uri() if store is not None and uri.startswith("sqlite") else None
     try:
-        return c.create_experiment(name, artifact_location=location)
+        return c.create_experiment(name, artifact_location=location, tags={EXPERIMENT_KIND_TAG: TRAINING_KIND})
     except Exception:
         exp = c.get_experiment_by_name(name)  # created concurrently
         if exp is None:

@@ -135,3 +135,31 @@ def test_the_sweep_is_found_by_name_from_any_folder(planted, ray_cluster, tmp_pa
     assert [r["mean"] for r in again["rows"]] == [r["mean"] for r in planted["table"]["rows"]]
     unknown = sweep_cli("table", "no-such-sweep-here", cluster=ray_cluster, cwd=tmp_path)
     assert unknown.returncode == 2 and "Traceback" not in unknown.stderr
+
+
+def test_the_mlflow_ui_opens_on_the_trial_runs_in_a_real_browser(planted, mlflow_server, ray_cluster):
+    """`sweep ui` links the experiment's runs table; headless Chromium renders it from the
+    real server: the training-runs page with the sweep's run and its 8 trials, not the GenAI
+    overview an experiment's bare link opens on."""
+    import re
+    import shutil
+    import subprocess
+
+    result = sweep_cli("ui", NAME, "--tracking-uri", mlflow_server.uri, cluster=ray_cluster)
+    assert result.returncode == 0, show(result)
+    parent, _ = sweep_runs(mlflow_server, NAME)
+    exp = parent["info"]["experiment_id"]
+    runs_url = f"{mlflow_server.uri}/#/experiments/{exp}/runs"
+    assert f"experiment {NAME}: {runs_url}\n" in result.stdout
+    assert f"{runs_url}/{parent['info']['run_id']}" in result.stdout
+    assert mlflow_server.call("GET", "experiments/get", experiment_id=exp)["experiment"]["tags"] == [
+        {"key": "mlflow.experimentKind", "value": "custom_model_development"}]
+
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    assert chromium, "Chromium is needed for the browser check (.ci/run installs Debian's chromium)"
+    dom = subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=20000",
+                          "--dump-dom", runs_url], capture_output=True, text=True, timeout=120).stdout
+    assert "Training runs" in dom and f">{NAME}<" in dom
+    matching = re.search(r"<strong>(\d+)</strong> matching runs", dom)
+    assert matching and int(matching.group(1)) == 9, dom[-2000:]  # the sweep's run and its 8 trial runs
+    assert "No data available for the selected time range" not in dom  # the GenAI overview's empty charts
