@@ -81,6 +81,15 @@ def all_sum(values: list[float], device: torch.device) -> list[float]:
     return t.tolist()
 
 
+def all_max(values: list[float], device: torch.device) -> list[float]:
+    import torch
+    import torch.distributed as dist
+
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.tolist()
+
+
 class AgreedFlag:
     """A per-step yes/no that every rank learns together, reduced in the background: the
     answer for one step is read at the next, so no step waits on a collective for it."""

@@ -39,7 +39,7 @@ METRICS: dict[str, Metric] = {
     "train_samples": Metric("examples", "none", "trained examples over all workers (micro-batches x batch size)"),
     "tokens_per_s": Metric("tokens/s", "maximize", "trained tokens (all workers, padding excluded) per second of training"),
     "s_per_step": Metric("s", "minimize", "mean wall seconds per optimizer step"),
-    "peak_memory_mb": Metric("MiB", "minimize", "peak CUDA memory allocated, or peak RSS on CPU, of rank 0"),
+    "peak_memory_mb": Metric("MiB", "minimize", "this trial's peak CUDA memory allocated, or peak RSS on CPU, of the largest rank"),
     "trainable_params": Metric("params", "minimize", "parameters with requires_grad after wrapping"),
     "total_params": Metric("params", "none", "all parameters of the wrapped model"),
     "trainable_percent": Metric("%", "minimize", "100 * trainable_params / base model parameters"),

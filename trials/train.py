@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import math
-import resource
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,9 +17,10 @@ from trials import artifacts
 from trials.adapters import Calibration, effective_values, family_of
 from trials.config import TrialConfig
 from trials.data import Example, calibration_examples, collate, eval_batches, load_splits, train_batches
-from trials.dist import AgreedFlag, World, all_sum, broadcast, current_world, ensure_process_group, import_deepspeed, same_on_all_ranks
+from trials.dist import AgreedFlag, World, all_max, all_sum, broadcast, current_world, ensure_process_group, import_deepspeed, same_on_all_ranks
 from trials.errors import TrialError
 from trials.evaluate import Evaluator, gather_records
+from trials.memory import PeakMemory
 from trials.metrics import NullReporter, Reporter
 from trials.model import count_params, load_model, load_tokenizer, resolve_dtype
 
@@ -56,7 +56,12 @@ def run_trial(cfg: TrialConfig, out_dir: str | Path, reporter: Reporter | None =
         world = current_world()
         # Seeding inside fork_rng keeps the caller's RNG streams untouched.
         with torch.random.fork_rng(devices=[world.device.index] if world.device.type == "cuda" else []):
-            return _Trial(cfg, Path(out_dir), reporter or NullReporter(), world, started).run()
+            trial = _Trial(cfg, Path(out_dir), reporter or NullReporter(), world, started)
+            try:
+                return trial.run()
+            finally:
+                if trial.memory is not None:
+                    trial.memory.stop()  # idempotent: a failed trial leaves no sampler thread behind
     finally:
         if created:
             dist.destroy_process_group()
@@ -104,14 +109,6 @@ def warmup_cosine(max_steps: int, warmup_ratio: float):
     return factor
 
 
-def peak_memory_mb(device: torch.device) -> float:
-    import torch
-
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-
-
 def _init_fingerprint(model: torch.nn.Module, adapter_params: list[torch.nn.Parameter]) -> list[float]:
     """Sum and sum of squares of what wrapping created or may have rewritten: the adapter's
     own parameters and the weights of the layers it wraps (PiSSA/CorDA rewrite those)."""
@@ -144,6 +141,7 @@ class _Trial:
     forgetting_before: float | None = None
     records: list[dict[str, Any]] = field(default_factory=list)  # this rank's, of the latest evaluation
     generate_s: float = 0.0
+    memory: PeakMemory | None = None
     adapter_params: list[Any] = field(default_factory=list)
     initial: Path | None = None  # the saved initial adapter, for inits that rewrite base weights
     scheduler: Any = None
@@ -158,6 +156,7 @@ class _Trial:
 
     def run(self) -> dict[str, Any]:
         cfg, family = self.cfg, family_of(self.cfg.adapter)
+        self.memory = PeakMemory(self.world.device).start()
         if self.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             cfg.dump(self.out / "trial.json")
@@ -176,9 +175,11 @@ class _Trial:
                                    initial=self.initial, is_main=self.is_main)
         finally:
             engine.destroy()
+        # The largest rank's peak of this trial alone (see trials.memory).
+        peak = all_max([self.memory.stop()], self.world.device)[0]
         if self.is_main:
             result["adapter_bytes"] = artifacts.dir_bytes(self.out / artifacts.ADAPTER_DIR)
-            result["peak_memory_mb"] = peak_memory_mb(self.world.device)
+            result["peak_memory_mb"] = peak
             result["wall_s"] = time.perf_counter() - self.started
             artifacts.write_json(self.out / "metrics.json", {
                 "trial_id": cfg.trial_id,

@@ -87,8 +87,14 @@ def cli(*args: str, nproc: int = 1, timeout: int = 600) -> subprocess.CompletedP
 def variant_runs(tiny_model, tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("variants")
     extra = side_files(root, tiny_model)
-    trials = {name: {**trial(tiny_model, adapter, stage=stage, lr=lr, **extra), "evaluation": EVALUATION}
-              for name, (adapter, stage, lr) in VARIANTS.items()}
+    # First a trial far larger than any variant, so every later trial in the same processes
+    # shows whether its peak memory is its own (trials.memory) or the big one's.
+    big = trial(tiny_model, {"type": "lora", "r": 64, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj",
+                                                                         "gate_proj", "up_proj", "down_proj"]})
+    big["trainer"].update(batch_size=512, max_steps=2, eval_every=2, eval_batches=1)
+    trials = {"big": big}
+    trials.update({name: {**trial(tiny_model, adapter, stage=stage, lr=lr, **extra), "evaluation": EVALUATION}
+                   for name, (adapter, stage, lr) in VARIANTS.items()})
     # A learning rate that must blow up, to see the non-finite-loss guard on 2 workers.
     # (LN tuning: scaled norm weights overflow the logits; LoRA's blow-up is normalised away by
     # the next RMSNorm and ends at a finite, uniform loss.)
@@ -179,6 +185,15 @@ def check_evaluation_records(out: Path, m: dict, tiny: Path) -> None:
             new = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False,
                                  pad_token_id=tokenizer.pad_token_id)[0, ids.shape[1]:]
         assert tokenizer.decode(new, skip_special_tokens=True) == r["prediction"]
+
+
+@pytest.mark.slow
+def test_peak_memory_is_each_trials_own_on_kept_processes(variant_runs):
+    """The variants run after a big trial in the same two processes (as on a kept gang): their
+    peaks are their own, not the process-lifetime maximum the big trial set."""
+    peak = {n: json.loads((variant_runs / n / "metrics.json").read_text())["metrics"]["peak_memory_mb"]
+            for n in ("big", *VARIANTS)}
+    assert all(peak[n] < peak["big"] - 300 for n in VARIANTS), peak
 
 
 @pytest.mark.slow
