@@ -40,8 +40,9 @@ def plan(
         print(json.dumps(result.to_json(), indent=2))
         return
     table = Table(title=f"sweep {sweep_spec.name}: {len(result.trials)} trials on {sweep_spec.model.base_model}")
-    for col in ("trial", "adapter", "key params", "lr", "seed", "trainable", "% of base"):
-        table.add_column(col, justify="right" if col in ("lr", "seed", "trainable", "% of base") else "left")
+    numeric = ("lr", "seed", "trainable", "% of base", "est. mem/worker", "device-h")
+    for col in ("trial", "adapter", "key params", *numeric):
+        table.add_column(col, justify="right" if col in numeric else "left")
     for t in result.trials:
         table.add_row(
             t.trial.trial_id,
@@ -51,11 +52,22 @@ def plan(
             str(t.trial.seed),
             f"{t.trainable:,}",
             f"{t.percent:.4f}",
+            _memory_text(t.estimate),
+            "—" if t.estimate is None or t.estimate.device_hours is None else f"{t.estimate.device_hours:.3g}",
         )
     out.print(table)
     if sweep_spec.search.strategy == "optuna":
         out.print(f"optuna samples {sweep_spec.search.num_samples} trials from {len(result.candidates)} adapter configurations while running")
     out.print(f"base model parameters: {result.base_params:,}")
+    totals = result.totals()
+    if totals["tokens"]:
+        hours = totals["device_hours"]
+        out.print(f"estimate: {totals['tokens']:,} trained tokens; "
+                  + (f"{hours:.3g} GPU-hours at {sweep_spec.resources.gpu_peak_tflops:g} TFLOPS peak x "
+                     f"{sweep_spec.resources.assumed_mfu:.0%} MFU" if hours is not None else "CPU workers (no GPU-hours)")
+                  + (f"; {totals['trials_that_do_not_fit']} trials do not fit in "
+                     f"{sweep_spec.resources.gpu_memory_gb:g} GB" if totals["trials_that_do_not_fit"] else ""),
+                  highlight=False, soft_wrap=True)
     for r in result.data:
         tokens = "" if r.tokens is None else (
             f", {r.tokens:,} tokens, {r.truncated_share:.1%} truncated at max_length={sweep_spec.data.max_length}"
@@ -67,6 +79,13 @@ def plan(
             out.print(f"[yellow]warning[/] {t.trial.trial_id}: {escape(w)}", highlight=False, soft_wrap=True)
     if write_trials is not None:
         out.print(f"wrote {len(result.trials)} trial files to {write_trials}")
+
+
+def _memory_text(est) -> str:
+    if est is None:
+        return "—"
+    text = f"{est.peak_memory_mb / 1024:.1f} GiB" if est.peak_memory_mb >= 1024 else f"{est.peak_memory_mb:.0f} MiB"
+    return text + (" (does not fit)" if est.fits is False else "")
 
 
 @app.command()

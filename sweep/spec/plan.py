@@ -16,6 +16,7 @@ from typing import Any
 
 from sweep.errors import SpecError
 from sweep.spec.data_check import DataReport, check_data, load_plan_tokenizer, weight_problems
+from sweep.spec.estimate import Estimate, estimate_trial
 from sweep.spec.expand import DATA_FILES, Candidate, Expansion, Rejected, expand, resolve_model
 from sweep.spec.schema import SweepSpec
 from trials.adapters import FAMILIES, Issue, PlanContext, TargetShape
@@ -38,6 +39,7 @@ class TrialPlan:
     trainable: int
     base_params: int
     warnings: tuple[str, ...] = ()
+    estimate: Estimate | None = None
 
     @property
     def percent(self) -> float:
@@ -66,6 +68,14 @@ class Plan:
         """The expansion's adapter configurations that passed the shape checks (what Optuna picks from)."""
         return [cand for cand, (_, check) in zip(self.expansion.candidates, self.candidates) if not check.errors]
 
+    def totals(self) -> dict[str, Any]:
+        """The sweep's estimated tokens and device-hours (grid/random: every planned trial)."""
+        est = [t.estimate for t in self.trials if t.estimate is not None]
+        hours = [e.device_hours for e in est if e.device_hours is not None]
+        return {"tokens": sum(e.tokens for e in est), "device_hours": sum(hours) if hours else None,
+                "peak_memory_mb": max((e.peak_memory_mb for e in est), default=None),
+                "trials_that_do_not_fit": sum(e.fits is False for e in est)}
+
     def to_json(self) -> dict[str, Any]:
         return {
             "name": self.spec.name,
@@ -78,12 +88,14 @@ class Plan:
                     "trainable_params": t.trainable,
                     "percent_trainable": round(t.percent, 6),
                     "warnings": list(t.warnings),
+                    "estimate": t.estimate.to_json() if t.estimate is not None else None,
                     "config": t.trial.model_dump(mode="json"),
                 }
                 for t in self.trials
             ],
             "invalid": [{"where": r.where, "trial_id": r.trial_id, "errors": r.lines} for r in self.rejected],
             "data": [r.to_json() for r in self.data],
+            "totals": self.totals(),
             "candidates": [
                 {"adapter": a, "trainable_params": c.trainable, "errors": list(c.errors), "warnings": list(c.warnings)}
                 for a, c in self.candidates
@@ -268,5 +280,16 @@ def make_plan(spec: SweepSpec, spec_dir: Path, *, expansion: Expansion | None = 
         if result.errors:
             plan.rejected.append(Rejected(f"trial {trial.trial_id}", list(result.errors), trial.trial_id))
         else:
-            plan.trials.append(TrialPlan(trial, result.trainable, shapes.base_params, result.warnings))
+            plan.trials.append(TrialPlan(trial, result.trainable, shapes.base_params, result.warnings,
+                                         _estimate(spec, trial, shapes, result.trainable, reports)))
     return plan
+
+
+def _estimate(spec: SweepSpec, trial: TrialConfig, shapes: ModelShapes, trainable: int,
+              reports: list[DataReport]) -> Estimate:
+    train = next((r for r in reports if r.role == "train"), None)
+    per_example = (train.tokens / train.examples) if train is not None and train.tokens else trial.data.max_length
+    r = spec.resources
+    return estimate_trial(trial, shapes.config, shapes.base_params, trainable, workers=r.workers_per_trial,
+                          gpus=r.gpus_per_worker > 0, tokens_per_example=per_example, gpu_memory_gb=r.gpu_memory_gb,
+                          gpu_peak_tflops=r.gpu_peak_tflops, mfu=r.assumed_mfu)

@@ -207,6 +207,11 @@ class ResourcesSpec(Strict):
     reuse_workers: bool = Field(
         True, description="Keep each trial's worker processes (and their process group and imports) for the next "
                           "trial; false starts a fresh Ray Train run per trial (full isolation, ~17 s more per trial).")
+    gpu_memory_gb: float | None = Field(None, gt=0, description="Memory of one GPU, for the plan's fits/does-not-fit "
+                                                             "verdict (unknown when unset).")
+    gpu_peak_tflops: float = Field(989.0, gt=0, description="Dense bf16 peak of one GPU for the device-hour estimate "
+                                                            "(989: H100 SXM; 1979 is its sparse figure).")
+    assumed_mfu: float = Field(0.35, gt=0, le=1, description="Model FLOPs utilisation assumed by the device-hour estimate.")
     collective_timeout_s: float = Field(
         1800, gt=0, description="How long a worker waits in a collective (all-reduce, barrier) before the trial "
                                 "fails: torch.distributed's timeout, 30 minutes as in Ray Train.")

@@ -359,3 +359,33 @@ def test_trainer_bounds_are_checked_first_and_name_only_field_and_value(tmp_path
     assert_user_error(result, "search.trainer.batch_size: must be >= 1 (got 0)",
                       "search.trainer.learning_rate: must be > 0", "(got -1.0)", "search.trainer.warmup_ratio: must be < 1")
     assert "{" not in result.output  # never a dump of the combination
+
+
+def test_estimate_adds_up_and_follows_zero_stage_and_precision(tmp_path, model_dir):
+    """The plan's memory and cost estimate, checked term by term against the model it states
+    (sweep/spec/estimate.py): 2 layers, hidden 64, 40 examples of 14 tokens."""
+    from sweep.spec.estimate import MiB
+
+    def est(**extra):
+        path = write_spec(tmp_path, model_dir, [{"type": "lora", "r": 4}], **extra)
+        result = plan_cli(path, "--json")
+        assert result.exit_code == 0, result.output
+        return json.loads(result.output)
+
+    plan = est(search={"trainer": {"batch_size": 2, "max_steps": 10}}, data={"max_length": 16})
+    e, base, trainable = plan["trials"][0]["estimate"], plan["base_params"], plan["trials"][0]["trainable_params"]
+    parts = e["parts_mb"]
+    assert parts["base_weights"] == pytest.approx(base * 4 / MiB)  # fp32 on CPU workers, not divided at ZeRO-2
+    assert parts["gradients"] == pytest.approx(trainable * 4 / 2 / MiB)  # ZeRO-2 divides gradients by 2 workers
+    assert parts["optimizer_states"] == pytest.approx(trainable * 8 / 2 / MiB)
+    assert parts["activations"] == pytest.approx(2 * 16 * 34 * 64 * 2 * 2 / MiB)  # batch x length x 34h x layers, fp32
+    assert e["peak_memory_mb"] == pytest.approx(sum(parts.values()))
+    assert e["tokens"] == 10 * 2 * 2 * 14 and e["device_hours"] is None  # CPU workers: no GPU-hours
+    assert plan["totals"]["tokens"] == e["tokens"]
+
+    gpu = est(search={"trainer": {"batch_size": 2, "max_steps": 10}}, data={"max_length": 16},
+              deepspeed={"zero_stage": 3, "precision": "bf16"},
+              resources={"gpus_per_worker": 1, "gpu_memory_gb": 0.5, "workers_per_trial": 2})["trials"][0]["estimate"]
+    assert gpu["parts_mb"]["base_weights"] == pytest.approx(base * 2 / 2 / MiB)  # bf16, ZeRO-3 splits the base
+    assert gpu["device_hours"] == pytest.approx(6 * base * gpu["tokens"] / (989e12 * 0.35) / 3600)
+    assert gpu["fits"] is False  # 1 GiB of CUDA overhead alone exceeds 0.5 GB
