@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from sweep.cli import planning, results, running  # noqa: F401  (registers the commands)
+from sweep.cli import ludwig, planning, results, running  # noqa: F401  (registers the commands)
 from sweep.cli.app import app, err
 
 

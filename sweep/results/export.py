@@ -69,8 +69,12 @@ def ludwig_config(config: TrialConfig) -> dict[str, Any]:
         "learning_rate_scheduler": {"warmup_fraction": t.warmup_ratio, "decay": "cosine"},
         "optimizer": {"type": "adamw", "weight_decay": t.weight_decay},
     }
-    if t.max_grad_norm > 0:
-        trainer["gradient_clipping"] = {"clipglobalnorm": t.max_grad_norm}
+    # Written also when off: Ludwig clips at 0.5 when the key is absent.
+    trainer["gradient_clipping"] = {"clipglobalnorm": t.max_grad_norm if t.max_grad_norm > 0 else None}
+    # How often to evaluate, and on how many batches: Ludwig's names for eval_every and eval_batches.
+    trainer["steps_per_checkpoint"] = t.eval_every
+    if t.eval_batches is not None:
+        trainer["eval_steps"] = t.eval_batches
     return {
         "model_type": "llm",
         "base_model": config.model.base_model,
