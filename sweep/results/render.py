@@ -77,7 +77,8 @@ def _versus_best(table: Table, row: Row) -> str:
         return "best"
     if st.p_vs_best is None:
         return "not tested"  # no per-example predictions shared with the best row
-    return f"{'≈ best' if st.tied_with_best else 'worse'} (p={st.p_vs_best:.2g})"
+    seeds = f"; seeds p={st.p_seeds:.2g}" if st.p_seeds is not None else ""
+    return f"{'≈ best' if st.tied_with_best else 'worse'} (p={st.p_vs_best:.2g}{seeds})"
 
 
 def _trials_text(row: Row) -> str:
@@ -174,6 +175,9 @@ def _significance_notes(table: Table) -> list[str]:
             f"(`{sig['best_row']}`)" + (f": {', '.join(f'`{t}`' for t in tied)}" if tied else "")
             + f". vs best: {sig['test']}, Holm-corrected across rows; ≈ best when p >= {sig['alpha']}."
         )
+        notes.append("seeds p: Welch's t over the seeds' values. The item test asks whether these eval items "
+                     "separate two configurations; the seed test whether other seeds would. A row worse on items "
+                     "but with seeds p >= 0.05 may change rank with more seeds.")
     elif sig.get("untestable_rows"):
         notes.append("vs best: not tested (no per-example predictions for this metric; rank by an eval_* metric).")
     return notes

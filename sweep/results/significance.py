@@ -17,7 +17,8 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any, Callable
 
-from sweep.results.stats import ALPHA, CONFIDENCE, RESAMPLES, holm, item_interval, paired_p, seed_interval
+from sweep.results.stats import ALPHA, CONFIDENCE, RESAMPLES, holm, item_interval, paired_p, seed_interval, seeds_p
+from trials.metrics import METRICS
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,7 @@ class RowStats:
     p_raw: float | None = None
     p_vs_best: float | None = None  # Holm-adjusted
     tied_with_best: bool | None = None  # None for the best row itself and for rows without items
+    p_seeds: float | None = None  # Welch's t over seed values against the best row (None: < 2 seeds)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -90,8 +92,10 @@ def annotate(table, items: dict[str, list[dict[str, Any]]]) -> None:
             iv = item_interval(values, weights, transform=measure.transform)
         else:
             iv = None
-        row.stats = RowStats(cell.value, iv.low if iv else None, iv.high if iv else None, iv.method if iv else None,
-                             cell.n, 0)
+        low, high = (iv.low, iv.high) if iv else (None, None)
+        if iv and METRICS.get(metric) is not None and METRICS[metric].unit == "fraction":
+            low, high = max(0.0, low), min(1.0, high)  # t intervals know no bounds; a fraction does
+        row.stats = RowStats(cell.value, low, high, iv.method if iv else None, cell.n, 0)
 
     scored = [r for r in table.rows if r.cells[metric].value is not None]
     best = scored[0] if scored else None
@@ -99,6 +103,7 @@ def annotate(table, items: dict[str, list[dict[str, Any]]]) -> None:
     others = [r for r in scored[1:]]
     raw: list[float | None] = []
     for row in others:
+        row.stats.p_seeds = seeds_p(row.cells[metric].values, best.cells[metric].values)
         mine = per_row[id(row)]
         common = sorted(set(mine) & set(best_items))
         if len(common) < 2:
@@ -117,6 +122,7 @@ def annotate(table, items: dict[str, list[dict[str, Any]]]) -> None:
         "test": (f"paired sign-flip permutation test over eval items ({measure.field} per item, averaged over seeds; "
                  f"{RESAMPLES} resamples or exact)") if measure else None,
         "correction": "holm",
+        "seeds_test": "Welch's t over the seeds' values (p_seeds): whether other seeds would separate the rows",
         "alpha": ALPHA,
         "tested_rows": len(tested),
         "tied_rows": [r.label for r in tested if r.stats.tied_with_best],

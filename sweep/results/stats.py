@@ -74,6 +74,17 @@ def paired_p(a: Sequence[float], b: Sequence[float]) -> float:
     return float(min(1.0, res.pvalue))
 
 
+def seeds_p(a: Sequence[float], b: Sequence[float]) -> float | None:
+    """Welch's t-test on the two configurations' per-seed values: would other seeds separate
+    them? None with fewer than two seeds on either side. Complements `paired_p`, which asks
+    whether these eval items do (and cannot see seed-to-seed variation)."""
+    if len(a) < 2 or len(b) < 2:
+        return None
+    if np.std(a) == 0 and np.std(b) == 0:
+        return 1.0 if np.mean(a) == np.mean(b) else 0.0
+    return float(stats.ttest_ind(a, b, equal_var=False).pvalue)
+
+
 def holm(pvalues: Sequence[float | None]) -> list[float | None]:
     """Holm's step-down adjusted p-values (None stays None). SciPy ships Benjamini-Hochberg
     (`false_discovery_control`) but not Holm, which controls the family-wise error: the

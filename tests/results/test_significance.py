@@ -87,6 +87,11 @@ def test_table_marks_tied_and_worse_rows_from_paired_items():
     assert lo.ci_method == "t over seeds" and lo.ci_low < lo.mean < lo.ci_high
     assert stats.holm([rows["oft"].stats.p_raw, rows["c3a"].stats.p_raw]) == pytest.approx(
         [rows["oft"].stats.p_vs_best, rows["c3a"].stats.p_vs_best])
+    # Beside the item test, Welch's t over the seeds' values asks whether other seeds would separate them.
+    assert rows["c3a"].stats.p_seeds == pytest.approx(st.ttest_ind(rows["c3a"].cells["eval_exact_match"].values,
+                                                                   lo_values := rows["lora"].cells["eval_exact_match"].values,
+                                                                   equal_var=False).pvalue)
+    assert len(lo_values) == 3 and 0 <= lo.ci_low and lo.ci_high <= 1  # a fraction's interval stays in [0, 1]
     row_json = {r["variant"]: r for r in table.to_json()["rows"]}
     assert {"mean", "ci_low", "ci_high", "n_seeds", "p_vs_best", "tied_with_best"} <= set(row_json["oft"])
     assert table.significance["tied_rows"] == ["oft"] and table.significance["tested_rows"] == 2
