@@ -135,3 +135,26 @@ def files_holding(roots: list[Path], values: list[str]) -> list[str]:
                 continue
             found += [f"{path}: {v.decode()}" for v in needles if v in data]
     return found
+
+
+def run_refused(tmp_path: Path, spec: dict[str, Any]) -> subprocess.CompletedProcess:
+    """`sweep run` of this spec on the embedded local runtime, expected to be refused before
+    anything starts: exit 2, no traceback, and no Ray session under its own RAY_TMPDIR."""
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
+    ray_tmp = tmp_path / "ray"
+    ray_tmp.mkdir()
+    env = {**os.environ, "RAY_TMPDIR": str(ray_tmp)}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    result = subprocess.run([sys.executable, "-m", "sweep", "run", str(tmp_path / "spec.yaml")], capture_output=True,
+                            text=True, env=env, timeout=300)
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+    assert not any(ray_tmp.iterdir()), "a Ray session was started"
+    return result
+
+
+def tiny_spec(name: str, model: Path, **extra: Any) -> dict[str, Any]:
+    """A one-trial spec on the tiny model, for checks that refuse it before it runs."""
+    return {"name": name, "model": {"base_model": str(model)},
+            "data": {"train": str(model / "task" / "train.jsonl"), "eval": str(model / "task" / "eval.jsonl")},
+            "search": {"adapters": [{"type": "lora"}], "trainer": {"max_steps": 1}}, **extra}

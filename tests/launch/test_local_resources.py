@@ -4,12 +4,8 @@ placement group)."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
-import yaml
+from sweeping import run_refused, tiny_spec
 
 pytestmark = pytest.mark.slow
 
@@ -23,19 +19,7 @@ pytestmark = pytest.mark.slow
 )
 def test_unplaceable_trial_is_refused_before_anything_starts(tmp_path, tiny_model, resources, needle):
     db = tmp_path / "mlflow.db"
-    spec = {"name": "too-big", "model": {"base_model": str(tiny_model)},
-            "data": {"train": str(tiny_model / "task" / "train.jsonl"), "eval": str(tiny_model / "task" / "eval.jsonl")},
-            "search": {"adapters": [{"type": "lora"}], "trainer": {"max_steps": 1}},
-            "resources": resources, "tracking": {"uri": f"sqlite:///{db}"}}
-    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
-    ray_tmp = tmp_path / "ray"
-    ray_tmp.mkdir()
-    env = {**os.environ, "RAY_TMPDIR": str(ray_tmp)}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    result = subprocess.run([sys.executable, "-m", "sweep", "run", str(tmp_path / "spec.yaml")], capture_output=True,
-                            text=True, env=env, timeout=300)
-    assert result.returncode == 2, result.stderr
-    assert "Traceback" not in result.stderr + result.stdout
+    spec = tiny_spec("too-big", tiny_model, resources=resources, tracking={"uri": f"sqlite:///{db}"})
+    result = run_refused(tmp_path, spec)
     assert needle in result.stderr and "this machine has" in result.stderr
-    assert not db.exists() and not any(ray_tmp.iterdir())
-    assert not (tmp_path / "runs").exists()
+    assert not db.exists() and not (tmp_path / "runs").exists()

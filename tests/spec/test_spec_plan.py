@@ -20,24 +20,8 @@ runner = CliRunner()
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    """A small Llama with random weights and the tiny model's character tokenizer: q_proj
-    64x64, k/v_proj 64->32, mlp 64<->128."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from trials.tiny import build_tokenizer
-
-    path = tmp_path_factory.mktemp("small-llama")
-    tokenizer = build_tokenizer()
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-    )
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+def model_dir(small_model) -> Path:
+    return small_model
 
 
 TRAIN_ROWS = "".join(f'{{"prompt": "copy {w} =", "response": " {w}"}}\n' for w in ("ab", "cd", "ef", "gh") * 10)

@@ -63,24 +63,7 @@ def test_a_scheme_without_an_mlflow_store_is_refused_by_name(tmp_path):
 @pytest.mark.slow
 def test_sweep_run_with_an_ftp_store_exits_2_before_ray_starts(tmp_path, tiny_model):
     """One line, exit 2, no traceback, and nothing started: no Ray session under RAY_TMPDIR."""
-    import os
-    import subprocess
-    import sys
+    from sweeping import run_refused, tiny_spec
 
-    import yaml
-
-    spec = {"name": "ftp", "model": {"base_model": str(tiny_model)},
-            "data": {"train": str(tiny_model / "task" / "train.jsonl"), "eval": str(tiny_model / "task" / "eval.jsonl")},
-            "search": {"adapters": [{"type": "lora"}], "trainer": {"max_steps": 1}},
-            "tracking": {"uri": "ftp://files.example.org/mlruns"}}
-    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
-    ray_tmp = tmp_path / "ray"
-    ray_tmp.mkdir()
-    env = {**os.environ, "RAY_TMPDIR": str(ray_tmp)}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    result = subprocess.run([sys.executable, "-m", "sweep", "run", str(tmp_path / "spec.yaml")], capture_output=True,
-                            text=True, env=env, timeout=300)
-    assert result.returncode == 2, result.stderr
-    assert "Traceback" not in result.stderr + result.stdout
+    result = run_refused(tmp_path, tiny_spec("ftp", tiny_model, tracking={"uri": "ftp://files.example.org/mlruns"}))
     assert "tracking.uri 'ftp://files.example.org/mlruns': MLflow has no tracking store for 'ftp:'" in result.stderr
-    assert not any(ray_tmp.iterdir())
