@@ -78,6 +78,9 @@ class TrainerConfig(Strict):
     warmup_ratio: float = Field(0.1, ge=0, lt=1, description="Fraction of max_steps spent in linear warmup before cosine decay.")
     weight_decay: float = Field(0.0, ge=0)
     max_grad_norm: float = Field(1.0, ge=0, description="Gradient clipping; 0 disables it.")
+    gradient_checkpointing: bool = Field(
+        False, description="Recompute each layer's activations in the backward pass instead of keeping them "
+                           "(non-reentrant, as PEFT recommends): activation memory of one layer, ~30 % more compute.")
 
 
 class DeepSpeedConfig(Strict):

@@ -206,6 +206,12 @@ class _Trial:
         dtype = resolve_dtype(cfg.deepspeed.precision, self.world.device.type == "cuda")
         model = load_model(cfg.model, dtype).to(self.world.device)
         base_params = count_params(model)[1]
+        if cfg.trainer.gradient_checkpointing:
+            # The PEFT way: non-reentrant checkpointing (no need for every checkpointed input to
+            # require grad, so frozen layers and every adapter family work), and embedding outputs
+            # that require grad, which reentrant code paths in some models still expect.
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.enable_input_require_grads()
         self.evaluator = Evaluator(cfg.evaluation, tokenizer, self.world.device,
                                    synced_generation=cfg.deepspeed.zero_stage == 3 and self.world.size > 1)
         if splits.forgetting:
@@ -248,6 +254,7 @@ class _Trial:
             "train_examples": len(splits.train),
             "eval_examples": len(splits.eval),
             "test_examples": len(splits.test),
+            "gradient_checkpointing": bool(getattr(model, "is_gradient_checkpointing", False)),
         }
         return model, splits, dtype, info
 

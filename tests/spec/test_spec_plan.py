@@ -367,6 +367,11 @@ def test_estimate_adds_up_and_follows_zero_stage_and_precision(tmp_path, model_d
     assert e["tokens"] == 10 * 2 * 2 * 14 and e["device_hours"] is None  # CPU workers: no GPU-hours
     assert plan["totals"]["tokens"] == e["tokens"]
 
+    checkpointed = est(search={"trainer": {"batch_size": 2, "max_steps": 10, "gradient_checkpointing": True}},
+                       data={"max_length": 16})["trials"][0]["estimate"]
+    # Only each layer's input is kept, plus one layer's full activations.
+    assert checkpointed["parts_mb"]["activations"] == pytest.approx(2 * 16 * (2 * 64 * 2 + 34 * 64) * 2 / MiB)
+
     gpu = est(search={"trainer": {"batch_size": 2, "max_steps": 10}}, data={"max_length": 16},
               deepspeed={"zero_stage": 3, "precision": "bf16"},
               resources={"gpus_per_worker": 1, "gpu_memory_gb": 0.5, "workers_per_trial": 2})["trials"][0]["estimate"]

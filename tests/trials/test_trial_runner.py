@@ -197,6 +197,29 @@ def test_peak_memory_is_each_trials_own_on_kept_processes(variant_runs):
 
 
 @pytest.mark.slow
+def test_gradient_checkpointing_gives_the_same_eval_loss(tiny_model, tmp_path):
+    """Recomputing activations changes memory, not results: with dropout 0, the same trial with
+    and without trainer.gradient_checkpointing ends at the same eval loss, for families and
+    ZeRO stages that differ in how gradients reach the adapter."""
+    cases = {"lora": ({"type": "lora", "r": 8, "dropout": 0.0}, 2), "oft": ({"type": "oft", "oft_block_size": 16}, 3),
+             "ln_tuning": ({"type": "ln_tuning"}, 0)}
+    trials = {}
+    for name, (adapter, stage) in cases.items():
+        for on in (False, True):
+            cfg = trial(tiny_model, adapter, stage=stage, lr=VARIANTS[name][2])
+            cfg["trainer"].update(max_steps=4, eval_every=4, eval_batches=2, gradient_checkpointing=on)
+            trials[f"{name}-{'gc' if on else 'plain'}"] = cfg
+    result = cli("run", *map(str, write_trials(tmp_path / "trials", trials)), "--out", str(tmp_path / "out"), nproc=2)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for name in cases:
+        plain, gc = (json.loads((tmp_path / "out" / f"{name}-{k}" / "metrics.json").read_text())
+                     for k in ("plain", "gc"))
+        assert not plain["setup"]["gradient_checkpointing"] and gc["setup"]["gradient_checkpointing"]
+        assert gc["metrics"]["eval_loss"] == pytest.approx(plain["metrics"]["eval_loss"], abs=1e-6), name
+        assert gc["metrics"]["eval_loss"] < gc["metrics"]["eval_loss_before"]
+
+
+@pytest.mark.slow
 def test_pattern_overrides_reach_the_wrapped_modules(variant_runs):
     effective = json.loads((variant_runs / "lora_patterns" / "metrics.json").read_text())["setup"]["effective"]
     assert effective["model.layers.0.self_attn.q_proj"]["r"] == 16
