@@ -90,6 +90,10 @@ def deepspeed_config(cfg: TrialConfig, world_size: int, dtype: torch.dtype, trai
         "gradient_clipping": tc.max_grad_norm,
         "zero_optimization": zero,
         "bf16": {"enabled": dtype == torch.bfloat16},
+        # Gradients accumulate (and are reduced) in fp32 under bf16: DeepSpeed's bf16 mode
+        # casts the adapter to bf16 for compute and keeps fp32 master weights in the optimizer;
+        # accumulating in bf16 would lose the small updates OFT/HRA chains make.
+        **({"data_types": {"grad_accum_dtype": "fp32"}} if dtype == torch.bfloat16 else {}),
         "fp16": {"enabled": dtype == torch.float16},
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
@@ -171,7 +175,11 @@ class _Trial:
         # What DeepSpeed actually built, read back from the engine (not the config we asked for).
         info["engine"] = {"zero_stage": int(engine.zero_optimization_stage()), "dp_world_size": int(engine.dp_world_size),
                           "reduce_bucket_size": int(engine.zero_reduce_bucket_size()),
-                          "allgather_bucket_size": int(engine.zero_allgather_bucket_size())}
+                          "allgather_bucket_size": int(engine.zero_allgather_bucket_size()),
+                          # What DeepSpeed computes and accumulates in, and the adapter's own dtype.
+                          "model_dtype": str(engine.get_data_types()[0]).removeprefix("torch."),
+                          "grad_accum_dtype": str(engine.get_data_types()[1]).removeprefix("torch."),
+                          "adapter_dtypes": sorted({str(p.dtype).removeprefix("torch.") for p in self.adapter_params})}
         try:
             result = self._train(engine, splits.train, splits.eval, info)
             result.update(self._final(engine, splits))

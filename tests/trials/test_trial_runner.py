@@ -220,6 +220,37 @@ def test_gradient_checkpointing_gives_the_same_eval_loss(tiny_model, tmp_path):
 
 
 @pytest.mark.slow
+def test_bf16_trains_in_bf16_accumulates_in_fp32_and_reloads(tiny_model, tmp_path):
+    """precision bf16, decided once: DeepSpeed computes in bf16 (the adapter too) with fp32
+    master weights, gradients accumulate in fp32, and the saved bf16 adapter reloads onto a bf16
+    base to the trained model's logits (within bf16 rounding)."""
+    import torch
+
+    cfg = trial(tiny_model, {"type": "lora", "r": 8, "alpha": 16}, stage=2)
+    cfg["deepspeed"]["precision"] = "bf16"
+    result = cli("run", *map(str, write_trials(tmp_path / "trials", {"bf16": cfg})), "--out", str(tmp_path / "out"),
+                 nproc=2)
+    assert result.returncode == 0, result.stderr[-3000:]
+    record = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    engine = record["setup"]["engine"]
+    assert record["setup"]["dtype"] == "bfloat16"
+    assert (engine["model_dtype"], engine["grad_accum_dtype"], engine["adapter_dtypes"]) == (
+        "bfloat16", "float32", ["bfloat16"])
+    assert record["metrics"]["eval_loss"] < record["metrics"]["eval_loss_before"] - 0.01
+
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    probe = torch.load(tmp_path / "out" / artifacts.PROBE_FILE)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.bfloat16)
+    model = PeftModel.from_pretrained(base, str(tmp_path / "out" / artifacts.ADAPTER_DIR),
+                                      autocast_adapter_dtype=False).eval()
+    with torch.no_grad():
+        logits = model(input_ids=probe["input_ids"], attention_mask=probe["attention_mask"]).logits.float()
+    torch.testing.assert_close(logits, probe["logits"], atol=0.1, rtol=0.02)
+
+
+@pytest.mark.slow
 def test_pattern_overrides_reach_the_wrapped_modules(variant_runs):
     effective = json.loads((variant_runs / "lora_patterns" / "metrics.json").read_text())["setup"]["effective"]
     assert effective["model.layers.0.self_attn.q_proj"]["r"] == 16
