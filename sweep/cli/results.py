@@ -168,8 +168,13 @@ def export_cmd(
         out.print(f"{top.trial.trial_id} is the best, but statistically tied with: {names}", highlight=False,
                   markup=False, soft_wrap=True)
     elif picked["test"]["tested_rows"]:
-        out.print(f"{top.trial.trial_id} is the best; every other row is worse (paired test, Holm-corrected, "
-                  f"p < {picked['test']['alpha']})", highlight=False, markup=False, soft_wrap=True)
+        out.print(f"{top.trial.trial_id} is the best; every other row is worse on the eval items (paired test, "
+                  f"Holm-corrected, p < {picked['test']['alpha']})", highlight=False, markup=False, soft_wrap=True)
+    unsettled = picked["unsettled_by_seeds"]
+    if unsettled:
+        names = ", ".join(f"{t['row']} (seeds p={t['p_seeds']:.2g})" for t in unsettled)
+        out.print(f"but the seeds do not settle it against: {names}; more seeds would", highlight=False,
+                  markup=False, soft_wrap=True)
     out.print(f"selection: {top.out_dir / 'selection.json'}", highlight=False, markup=False)
     out.print(f"re-run the best with: sweep run {top.out_dir / 'spec.yaml'}", highlight=False, markup=False)
 

@@ -151,7 +151,8 @@ def selection(table, chosen: TrialRun) -> dict[str, Any]:
         st = r.stats
         return {"row": r.label, "variant": r.variant, "best_trial_id": r.best_trial_id, "mean": st.mean if st else None,
                 "ci_low": st.ci_low if st else None, "ci_high": st.ci_high if st else None,
-                "n_seeds": st.n_seeds if st else 0, "p_vs_best": st.p_vs_best if st else None}
+                "n_seeds": st.n_seeds if st else 0, "p_vs_best": st.p_vs_best if st else None,
+                "p_seeds": st.p_seeds if st else None}
 
     return {
         "sweep": table.sweep,
@@ -160,6 +161,9 @@ def selection(table, chosen: TrialRun) -> dict[str, Any]:
                    "value": chosen.metrics.get(table.metric),
                    "row": row_json(best_row) if best_row is not None else None},
         "tied_with_chosen": [row_json(r) for r in tied],
+        # Worse on the eval items, but other seeds might reorder them (Welch's t over seeds).
+        "unsettled_by_seeds": [row_json(r) for r in table.rows if r.stats is not None and r.stats.tied_with_best is False
+                               and r.stats.p_seeds is not None and r.stats.p_seeds >= sig.get("alpha", 0.05)],
         "test": {k: sig.get(k) for k in ("test", "correction", "alpha", "interval", "tested_rows")},
         "untestable_rows": sig.get("untestable_rows", []),
     }
