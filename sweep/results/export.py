@@ -186,8 +186,8 @@ def export_best(
     table = build_table(client, sweep, by)
     trials = table.trials
     require_trials(trials, sweep, finished=True)
-    if by_problems(by, trials):
-        raise SweepLookupError(by_problems(by, trials))
+    if problems := by_problems(by, trials):
+        raise SweepLookupError(problems)
     out = Path(out_dir)
     groups: dict[str, list[TrialRun]] = {}
     if by_variant:

@@ -100,7 +100,7 @@ def annotate(table, items: dict[str, list[dict[str, Any]]]) -> None:
     scored = [r for r in table.rows if r.cells[metric].value is not None]
     best = scored[0] if scored else None
     best_items = per_row[id(best)] if best is not None else {}
-    others = [r for r in scored[1:]]
+    others = scored[1:]
     raw: list[float | None] = []
     for row in others:
         row.stats.p_seeds = seeds_p(row.cells[metric].values, best.cells[metric].values)
