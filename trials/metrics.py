@@ -47,6 +47,7 @@ METRICS: dict[str, Metric] = {
     "train_s": Metric("s", "minimize", "wall seconds of the training loop (evaluation excluded)"),
     "setup_s": Metric("s", "minimize", "wall seconds from trial start to the first training step (model, data, DeepSpeed)"),
     "wall_s": Metric("s", "minimize", "wall seconds of the whole trial"),
+    "device_hours": Metric("device-h", "minimize", "wall_s x workers / 3600: the device time (GPUs, or CPU workers) the trial held"),
     "step": Metric("steps", "none", "optimizer steps done"),
     "early_stopped": Metric("bool", "none", "1 when a reporter stopped the trial before max_steps"),
 }

@@ -194,6 +194,8 @@ class _Trial:
             result["adapter_bytes"] = artifacts.dir_bytes(self.out / artifacts.ADAPTER_DIR)
             result["peak_memory_mb"] = peak
             result["wall_s"] = time.perf_counter() - self.started
+            # Every rank holds one device (a GPU, or a CPU worker) for the whole trial.
+            result["device_hours"] = result["wall_s"] * self.world.size / 3600
             artifacts.write_json(self.out / "metrics.json", {
                 "trial_id": cfg.trial_id,
                 "variant": family.variant(cfg.adapter),

@@ -118,12 +118,21 @@ def resume(
     retry_failed: bool = typer.Option(False, "--retry-failed", help="Also run failed trials again."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="One plain line per trial event (for CI logs)."),
     verbose: bool = typer.Option(False, "--verbose", help="Also stream Ray's and the workers' own logs."),
+    budget_max_trials: Optional[int] = typer.Option(None, "--budget-max-trials", min=1,
+                                                    help="A new budget.max_trials for the rest of the sweep."),
+    budget_max_device_hours: Optional[float] = typer.Option(None, "--budget-max-device-hours", min=0.0,
+                                                            help="A new budget.max_device_hours (the whole sweep's)."),
+    budget_max_wall_hours: Optional[float] = typer.Option(None, "--budget-max-wall-hours", min=0.0,
+                                                          help="A new budget.max_wall_hours (the whole sweep's)."),
 ) -> None:
-    """Continue an interrupted sweep: finished trials are kept, interrupted ones run again."""
+    """Continue an interrupted sweep, or one a budget stopped: finished trials are kept,
+    interrupted and budget-skipped ones run."""
     from sweep.launch.driver import resume_sweep
 
+    budget = {k: v for k, v in (("max_trials", budget_max_trials), ("max_device_hours", budget_max_device_hours),
+                                ("max_wall_hours", budget_max_wall_hours)) if v is not None}
     outcome = resume_sweep(sweep, address=address, quiet=quiet, verbose=verbose, retry_failed=retry_failed,
-                           console=out)
+                           console=out, budget=budget or None)
     raise typer.Exit(outcome.exit_code)
 
 
@@ -168,6 +177,8 @@ def status(
     out.print(f"sweep {st['name']} ({st['status']}): {st['storage']}", highlight=False, soft_wrap=True)
     out.print(f"mlflow: {st['tracking_uri']} parent run {st['parent_run_id']} ({report.get('parent_status', '?')})",
               highlight=False, soft_wrap=True)
+    if st.get("waiting"):
+        out.print(f"[yellow]{escape(st['waiting'])}[/]", highlight=False, soft_wrap=True)
     if report.get("warning"):
         err.print(f"[yellow]warning[/] {escape(report['warning'])}", highlight=False, soft_wrap=True)
     table = Table(title=f"{len(report['trials'])} trials")

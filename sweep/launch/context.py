@@ -51,6 +51,10 @@ class LaunchContext:
     forwarded: list[str] = field(default_factory=list)  # names the workers read from sweep.launch.forwarding
     collective_timeout_s: float = 1800.0  # torch.distributed's timeout in a kept gang
     metric: str = "eval_loss"  # what Tune ranks by: a report without it is not sent (Tune refuses it)
+    ledger: str | None = None  # sweep.launch.admission: the sweep whose ledger admits trials
+    estimates: dict[str, tuple[float, float]] = field(default_factory=dict)  # trial id -> (device-h, wall-h)
+    default_estimate: tuple[float, float] = (0.0, 0.0)  # an Optuna sample: the plan's largest
+    failed: dict[str, str] = field(default_factory=dict)  # trial_id -> error, on resume
     _sampled: dict[str, TrialConfig] = field(default_factory=dict, repr=False, compare=False)
 
     def trial(self, config: dict[str, Any]) -> TrialConfig:

@@ -15,6 +15,7 @@ from ray import tune
 
 from sweep.errors import LaunchError, SpecError, StateError
 from sweep.launch import state as sweep_state
+from sweep.launch.admission import SKIPPED_PREFIX, Spent, start_ledger, stop_ledger
 from sweep.launch.context import DRIVER_RESOURCE, LaunchContext
 from sweep.launch.early_stop import board_name, start_board, stop_board
 from sweep.launch.forwarding import start_box, stop_box, values_of
@@ -23,6 +24,8 @@ from sweep.launch.reconcile import Reconciler, close_orphans
 from sweep.launch.runtime import init_ray, local_resource_problems, quiet_ray_logs, worker_env
 from sweep.launch.search import optuna_space, tune_configs, tune_run_config
 from sweep.launch.trial_fn import make_trainable
+from sweep.launch.waiting import ResourceWatch
+from sweep.launch.waiting import expired as waiting_expired
 from sweep.spec import Plan, load_spec, make_plan
 from sweep.tracking import layout, runs
 from sweep.tracking.reader import best_of_sweep
@@ -33,14 +36,18 @@ from trials.adapters import FAMILIES
 
 @dataclass
 class Outcome:
-    counts: dict[str, int]
+    counts: dict[str, int]  # TERMINATED, ERROR, SKIPPED (by a budget)
     best: dict[str, Any] | None
     interrupted: bool = False
+    stopped: str | None = None  # why the sweep ended before its trials did (a budget, waiting)
+    gave_up_waiting: bool = False
 
     @property
     def exit_code(self) -> int:
         if self.interrupted:
             return 130
+        if self.gave_up_waiting:
+            return 2  # the cluster cannot hold a trial: a resources setting to fix
         return 1 if self.counts.get("ERROR", 0) else 0
 
 
@@ -67,12 +74,22 @@ def build_context(spec, plan, *, tracking_uri: str, experiment_id: str, parent_r
         ctx.trial_fn_resources[DRIVER_RESOURCE] = 0.001
     if spec.scheduler.type == "asha":
         ctx.decision_board = board_name(spec.name)
+    ctx.ledger = spec.name
+    ctx.estimates = {t.trial.trial_id: _hours(t.estimate, spec) for t in plan.trials}
+    ctx.default_estimate = max(ctx.estimates.values(), default=(0.0, 0.0))
     if spec.search.strategy == "optuna":
         _, ctx.candidates, ctx.trainer_keys = optuna_space(spec, plan)
     return ctx
 
 
-def _fit(tuner, ctx: LaunchContext, spec, describe_total: int | None, *, quiet: bool, console) -> Outcome:
+def _hours(estimate, spec) -> tuple[float, float]:
+    """(device-hours, wall hours) the plan expects of a trial; 0 where it cannot say (CPU)."""
+    device = (estimate.device_hours or 0.0) if estimate is not None else 0.0
+    return device, device / spec.resources.workers_per_trial
+
+
+def _fit(tuner, ctx: LaunchContext, spec, describe_total: int | None, *, quiet: bool, console,
+         on_wait) -> Outcome:
     progress = Progress(spec.name, spec.metric.name, spec.metric.goal, ctx.describe, quiet=quiet, console=console,
                         expected=describe_total)
     reconciler = Reconciler(ctx)
@@ -80,21 +97,24 @@ def _fit(tuner, ctx: LaunchContext, spec, describe_total: int | None, *, quiet: 
     interrupted = False
     results = None
     try:
-        with progress:
+        with progress, ResourceWatch(spec.resources.pending_timeout_s, on_change=on_wait):
             try:
                 results = tuner.fit()
             except KeyboardInterrupt:
                 interrupted = True
+            gave_up = waiting_expired()
     finally:
         detach(reconciler)
     counts: dict[str, int] = {}
     if results is not None:
         for r in results:
-            status = "ERROR" if r.error is not None else "TERMINATED"
+            status = "TERMINATED"
+            if r.error is not None:
+                status = "SKIPPED" if SKIPPED_PREFIX in str(r.error) else "ERROR"
             counts[status] = counts.get(status, 0) + 1
     if not interrupted:
         close_orphans(ctx)
-    return Outcome(counts, _best(ctx, spec), interrupted)
+    return Outcome(counts, _best(ctx, spec), interrupted, stopped=gave_up, gave_up_waiting=gave_up is not None)
 
 
 def _best(ctx: LaunchContext, spec) -> dict[str, Any] | None:
@@ -150,7 +170,7 @@ def run_sweep(spec, spec_path: Path, spec_dir: Path, plan: Plan, *, address: str
 
 
 def resume_sweep(name_or_path: str, *, address: str | None, quiet: bool, verbose: bool, retry_failed: bool,
-                 console) -> Outcome:
+                 console, budget: dict[str, float] | None = None) -> Outcome:
     storage = sweep_state.locate(name_or_path)
     st = sweep_state.load(storage)
     spec_path = Path(st.spec_path)
@@ -178,37 +198,77 @@ def resume_sweep(name_or_path: str, *, address: str | None, quiet: bool, verbose
     ctx = build_context(spec, plan, tracking_uri=st.tracking_uri, experiment_id=st.experiment_id,
                         parent_run_id=st.parent_run_id, storage=storage)
     ctx.finished = runs.finished_trials(client, st.experiment_id, st.parent_run_id)
+    if not retry_failed:
+        ctx.failed = {k: v for k, v in runs.failed_trials(client, st.experiment_id, st.parent_run_id).items()
+                      if k not in ctx.finished}
+    if budget:
+        st.budget = {**(st.budget or spec.budget.limits()), **budget}
     ctx.forwarded = sorted(forwarded)
     _announce(console, quiet, spec, st, dashboard, st.tracking_uri, resumed=True, plan=plan)
     quiet_ray_logs(verbose)
-    # Finished trials are kept; interrupted ones re-run from scratch (trials keep no checkpoints);
-    # errored ones stay failed unless asked, since a deterministic failure would fail again.
+    # Finished trials are kept; interrupted ones re-run from scratch (trials keep no checkpoints).
+    # Errored trials restart, since a budget's skipped trials end as errors too; the ones that
+    # really failed stop at once unless --retry-failed (ctx.failed), since a deterministic
+    # failure would fail again.
     tuner = tune.Tuner.restore(storage, trainable=make_trainable(ctx), resume_unfinished=True,
-                               resume_errored=False, restart_errored=retry_failed)
+                               resume_errored=False, restart_errored=True)
     st.status = "running"
     sweep_state.save(st)
     total = spec.search.num_samples if spec.search.strategy == "optuna" else len(plan.trials)
     return _finish(tuner, ctx, spec, st, client, total, forwarded, quiet=quiet, console=console)
 
 
+def _spent(client, st, ctx) -> Spent:
+    """What the sweep used before this driver: trials started, their device-hours, wall time."""
+    started = runs.started_trials(client, st.experiment_id, st.parent_run_id)
+    return Spent(trials=len(started), device_hours=sum(m.get("device_hours", 0.0) for m in started.values()),
+                 wall_s=st.wall_s)
+
+
 def _finish(tuner, ctx, spec, st, client, total, forwarded: dict[str, str], *, quiet, console) -> Outcome:
     started = time.time()
     board = start_board(spec.name) if ctx.decision_board else None
+    ledger = start_ledger(spec.name, st.budget or spec.budget.limits(), _spent(client, st, ctx),
+                          spec.resources.max_concurrent_trials)
     box = start_box(spec.name, forwarded)
+
+    def on_wait(line: str | None) -> None:
+        st.waiting = line  # `sweep status` shows it; the live view reads the watch itself
+        sweep_state.save(st)
+        if quiet and line:
+            print(f"{time.strftime('%H:%M:%S')} [{spec.name}] {line}", flush=True)
+
+    budget_report = None
     try:
-        outcome = _fit(tuner, ctx, spec, total, quiet=quiet, console=console)
+        outcome = _fit(tuner, ctx, spec, total, quiet=quiet, console=console, on_wait=on_wait)
     finally:
         stop_board(board)
         stop_box(box)
-    runs.finish_sweep_run(client, st.parent_run_id, outcome.counts, outcome.best, interrupted=outcome.interrupted)
-    st.status = "interrupted" if outcome.interrupted else ("failed" if outcome.counts.get("ERROR") else "finished")
+        budget_report = stop_ledger(ledger)
+    if budget_report and budget_report["stopped"] and outcome.stopped is None:
+        outcome.stopped = budget_report["stopped"]
+    runs.finish_sweep_run(client, st.parent_run_id, outcome.counts, outcome.best, interrupted=outcome.interrupted,
+                          stopped=outcome.stopped, failed=outcome.gave_up_waiting)
+    st.status = ("interrupted" if outcome.interrupted else
+                 "failed" if outcome.counts.get("ERROR") or outcome.gave_up_waiting else
+                 "stopped by budget" if outcome.counts.get("SKIPPED") else "finished")
+    st.wall_s += time.time() - started
+    st.waiting = None
     sweep_state.save(st)
     done = outcome.counts.get("TERMINATED", 0)
     failed = outcome.counts.get("ERROR", 0)
-    line = f"sweep {spec.name}: {done} finished, {failed} failed in {time.time() - started:.1f}s"
+    line = f"sweep {spec.name}: {done} finished, {failed} failed"
+    if outcome.counts.get("SKIPPED"):
+        line += f", {outcome.counts['SKIPPED']} not started (budget)"
+    line += f" in {time.time() - started:.1f}s"
     if outcome.best:
         line += f"; best {outcome.best['trial_id']} {outcome.best['metric']}={outcome.best['value']:.4g}"
     console.print(line, highlight=False, soft_wrap=True)
+    if outcome.stopped:
+        console.print(f"stopped: {outcome.stopped}", highlight=False, soft_wrap=True)
+        if not outcome.gave_up_waiting:
+            console.print(f"continue with a larger budget: `sweep resume {spec.name} --budget-max-device-hours ...` "
+                          "(or --budget-max-trials, --budget-max-wall-hours)", highlight=False, soft_wrap=True)
     if layout.is_server(st.tracking_uri):
         console.print(f"runs: {redact_uri(st.tracking_uri).rstrip('/')}/#/experiments/{st.experiment_id}/runs/{st.parent_run_id}",
                       highlight=False, soft_wrap=True)

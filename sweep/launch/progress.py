@@ -20,6 +20,8 @@ from rich.markup import escape
 from rich.table import Table
 
 from sweep.errors import FAILURE_PREFIXES
+from sweep.launch.admission import SKIPPED_PREFIX
+from sweep.launch.waiting import waiting_line
 from sweep.tracking.reader import rank_key
 
 _SINKS: list[Any] = []
@@ -185,7 +187,12 @@ class Progress:
             self._line(f"retrying {v.name}: {v.error}")
         elif kind == "error":
             v.state, v.ended, v.error = "ERROR", now, trial_error_line(trial)
-            self._line(f"failed   {v.name}: {v.error}")
+            if v.error.startswith(SKIPPED_PREFIX):  # refused by a budget: nothing ran
+                v.state, v.error = "SKIPPED", None
+                v.note = "budget"
+                self._line(f"skipped  {v.name}: {trial_error_line(trial).removeprefix(SKIPPED_PREFIX).strip()}")
+            else:
+                self._line(f"failed   {v.name}: {v.error}")
         if self._live is not None:
             self._live.update(self._table())
 
@@ -197,13 +204,14 @@ class Progress:
     # --- the live table
     def _table(self) -> Table:
         now = time.time()
-        done = sum(v.state in ("TERMINATED", "ERROR") for v in self.views.values())
+        done = sum(v.state in ("TERMINATED", "ERROR", "SKIPPED") for v in self.views.values())
         total = self.expected if self.expected is not None else len(self.views)
+        waiting = waiting_line()
         table = Table(title=f"sweep {self.sweep}: {done}/{total} trials done, {now - self.started:.0f}s",
-                      title_justify="left")
+                      title_justify="left", caption=escape(waiting) if waiting else None, caption_justify="left")
         for col in ("trial", "state", "adapter", "step", self.metric, "elapsed"):
             table.add_column(col, justify="right" if col in ("step", self.metric, "elapsed") else "left")
-        style = {"RUNNING": "cyan", "TERMINATED": "green", "ERROR": "red", "RETRYING": "yellow"}
+        style = {"RUNNING": "cyan", "TERMINATED": "green", "ERROR": "red", "RETRYING": "yellow", "SKIPPED": "yellow"}
         best = self._best()
         for key, v in self.views.items():
             state = f"[{style.get(v.state, 'white')}]{v.state.lower()}[/]"

@@ -15,6 +15,7 @@ from ray.tune.search.optuna import OptunaSearch
 from sweep.launch.context import LaunchContext, TrialDirNamer, TrialNamer
 from sweep.launch.early_stop import DecidingASHA, board_name
 from sweep.launch.progress import SweepCallback
+from sweep.launch.waiting import WaitStopper
 from sweep.spec import Distribution
 
 
@@ -114,5 +115,6 @@ def tune_run_config(spec, storage: str) -> tune.RunConfig:
         storage_path=parent,
         failure_config=tune.FailureConfig(max_failures=spec.failure.max_failures),
         callbacks=[SweepCallback()],
+        stop=WaitStopper(),  # a trial the cluster cannot place ends the sweep (sweep.launch.waiting)
         verbose=0,
     )

@@ -36,7 +36,10 @@ class SweepState:
     address: str | None = None
     forward_env: list[str] = field(default_factory=list)  # names only: `sweep resume` forwards them again
     tracking_credentials: list[str] = field(default_factory=list)  # the MLFLOW_TRACKING_* names the URI held
-    status: str = "running"  # running | finished | failed | interrupted
+    status: str = "running"  # running | finished | failed | interrupted | stopped by budget
+    waiting: str | None = None  # what a trial waits for, while the cluster cannot place it
+    budget: dict[str, float] | None = None  # the limits `sweep resume --budget-...` set (else the spec's)
+    wall_s: float = 0.0  # the drivers' time so far, for budget.max_wall_hours
     created: float = field(default_factory=time.time)
     updated: float = field(default_factory=time.time)
     version: int = STATE_VERSION

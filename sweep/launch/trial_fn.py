@@ -25,7 +25,7 @@ from pydantic import ValidationError
 from ray import tune
 
 from sweep.errors import TrialFailed
-from sweep.launch import gang
+from sweep.launch import admission, gang
 from sweep.launch.context import LaunchContext
 from sweep.launch.worker import train_loop
 from sweep.tracking import layout
@@ -50,14 +50,22 @@ def sweep_trial(config: dict[str, Any], ctx: LaunchContext) -> None:
         # report the recorded result, train nothing.
         tune.report({**ctx.finished[cfg.trial_id], "step": cfg.trainer.max_steps, "reused": 1})
         return
+    if cfg.trial_id in ctx.failed:
+        # Failed under this sweep already; it is only restarted when `--retry-failed` asks
+        # (budget-skipped trials restart on resume, and Tune cannot tell the two apart).
+        raise TrialFailed(f"failed before the resume: {ctx.failed[cfg.trial_id]} (--retry-failed runs it again)")
     tune_trial_id = tune.get_context().get_trial_id() or "local"
     attempt = uuid.uuid4().hex
     loop_config = worker_config(ctx, cfg, tune_trial_id=tune_trial_id, attempt=attempt, fn_started=fn_started)
+    estimate = ctx.estimates.get(cfg.trial_id, ctx.default_estimate)
     try:
-        if ctx.reuse_workers:
-            _run_on_gang(loop_config, ctx)
-        else:
-            _run_on_train(loop_config, ctx, f"{cfg.trial_id}_{tune_trial_id}_{attempt[:8]}")
+        with admission.Admission(ctx.ledger, tune_trial_id, *estimate, ctx.workers, release=gang.discard) as slot:
+            if ctx.reuse_workers:
+                _run_on_gang(loop_config, ctx, slot)
+            else:
+                _run_on_train(loop_config, ctx, f"{cfg.trial_id}_{tune_trial_id}_{attempt[:8]}")
+    except admission.BudgetReached as skipped:
+        raise TrialFailed(str(skipped)) from None  # nothing started, nothing to record
     except Exception as err:
         message = error_message(err)
         detail = "".join(traceback.format_exception(err))
@@ -99,10 +107,16 @@ def per_worker(ctx: LaunchContext) -> dict[str, float]:
     return {"CPU": ctx.cpus_per_worker, **({"GPU": ctx.gpus_per_worker} if ctx.gpus_per_worker > 0 else {})}
 
 
-def _run_on_gang(loop_config: dict[str, Any], ctx: LaunchContext) -> None:
+def _run_on_gang(loop_config: dict[str, Any], ctx: LaunchContext, slot: admission.Admission) -> None:
     workers = gang.acquire(ctx.workers, per_worker(ctx), ctx.worker_env, ctx.collective_timeout_s)
+
+    def report(metrics: dict[str, Any]) -> None:
+        if "device_hours" in metrics:
+            slot.device_hours = float(metrics["device_hours"])
+        tune.report(metrics)
+
     try:
-        workers.run(loop_config, tune.report)
+        workers.run(loop_config, report)
     except BaseException:
         gang.discard()  # a failed trial may leave a rank mid-collective: the next trial gets new workers
         raise

@@ -46,6 +46,8 @@ def format_value(key: str, v: float | None) -> str:
         return f"{v:,.0f} MiB"
     if key == "adapter_bytes":
         return human_bytes(v)
+    if key == "device_hours":
+        return f"{v:.3g}"
     if key == "trainable_percent":
         return f"{v:.3g}%"
     return f"{v:.4g}"

@@ -33,7 +33,11 @@ if TYPE_CHECKING:
     from mlflow import MlflowClient
 
 # Measured columns after the sweep's own metric, in display order.
-MEASURED = ("trainable_percent", "eval_loss", "eval_token_accuracy", "s_per_step", "tokens_per_s", "peak_memory_mb", "adapter_bytes")
+MEASURED = ("trainable_percent", "eval_loss", "eval_token_accuracy", "s_per_step", "tokens_per_s", "peak_memory_mb",
+            "adapter_bytes", "device_hours")
+# The sweep's metric per device-hour of the trial: what a unit of compute buys (for a metric
+# to maximize; a loss per device-hour means nothing).
+PER_DEVICE_HOUR = "per_device_hour"
 TITLES = {
     "trainable_params": "Trainable params",
     "trainable_percent": "Trainable (measured)",
@@ -44,6 +48,7 @@ TITLES = {
     "tokens_per_s": "Tokens/s",
     "peak_memory_mb": "Peak mem",
     "adapter_bytes": "Adapter file",
+    "device_hours": "Device-h",
 }
 ARROWS = {"minimize": "↓", "maximize": "↑", "none": ""}
 
@@ -162,8 +167,17 @@ def columns_for(metric: str, goal: str, beside: Sequence[str] = ()) -> list[Colu
         known = METRICS.get(key)
         return Column(key, TITLES.get(key, key), known.unit if known else "", goal_ or (known.goal if known else "none"))
 
+    cost = [Column(PER_DEVICE_HOUR, f"{metric}/device-h", "1/device-h", "maximize")] if goal == "maximize" else []
     return [column(metric, goal)] + [column(k) for k in beside] + [
-        column(k) for k in MEASURED if k != metric and k not in beside]
+        column(k) for k in MEASURED if k != metric and k not in beside] + cost
+
+
+def cell_value(trial: TrialRun, key: str, metric: str) -> float | None:
+    """A run's value for a column: a metric, or the sweep's metric per device-hour."""
+    if key == PER_DEVICE_HOUR:
+        value, hours = metric_value(trial, metric), metric_value(trial, "device_hours")
+        return value / hours if value is not None and hours else None
+    return metric_value(trial, key)
 
 
 def test_twin(metric: str) -> str | None:
@@ -214,7 +228,7 @@ def build_rows(
         best_key, best_runs = ranked[0] if ranked else ((), [])
         cells: dict[str, Cell] = {}
         for col in columns:
-            values = [v for t in best_runs if (v := metric_value(t, col.key)) is not None]
+            values = [v for t in best_runs if (v := cell_value(t, col.key, metric)) is not None]
             mean, std = _mean_std(values)
             cells[col.key] = Cell(mean, std, len(values), values)
         family = FAMILIES.get(members[0].adapter_type)

@@ -215,6 +215,9 @@ class ResourcesSpec(Strict):
     collective_timeout_s: float = Field(
         1800, gt=0, description="How long a worker waits in a collective (all-reduce, barrier) before the trial "
                                 "fails: torch.distributed's timeout, 30 minutes as in Ray Train.")
+    pending_timeout_s: float = Field(
+        600, ge=0, description="On a cluster: how long a trial may wait for resources the cluster does not have "
+                               "free before the sweep stops (exit 2); 0 waits forever (an autoscaling cluster).")
 
     @field_validator("gpus_per_worker")
     @classmethod
@@ -225,6 +228,21 @@ class ResourcesSpec(Strict):
             raise ValueError("use 0 (CPU workers) or 1 (one GPU per DeepSpeed rank); for more GPUs per trial "
                              "raise workers_per_trial")
         return value
+
+
+class BudgetSpec(Strict):
+    max_trials: int | None = Field(None, ge=1, description="Start no more than this many trials.")
+    max_device_hours: float | None = Field(
+        None, gt=0, description="Start no trial that would take the sweep past this many device-hours (measured on "
+                                "finished and running trials, plus the plan's estimate for the next).")
+    max_wall_hours: float | None = Field(None, gt=0, description="Start no trial expected to end after this many "
+                                                                 "hours of the sweep's wall time.")
+
+    def limits(self) -> dict[str, float | None]:
+        return self.model_dump()
+
+    def limited(self) -> bool:
+        return any(v is not None for v in self.limits().values())
 
 
 class FailureSpec(Strict):
@@ -248,6 +266,7 @@ class SweepSpec(Strict):
     tracking: TrackingSpec = TrackingSpec()
     failure: FailureSpec = FailureSpec()
     evaluation: EvaluationConfig = EvaluationConfig()
+    budget: BudgetSpec = BudgetSpec()
 
     @model_validator(mode="after")
     def _metric_is_measured(self) -> SweepSpec:

@@ -47,6 +47,7 @@ EARLY_STOP_TAG = "peft_sweep.early_stopped"
 SUPERSEDED_TAG = "peft_sweep.superseded"
 DUPLICATE_TAG = "peft_sweep.duplicate_of"
 BEST_TRIAL_TAG = "best_trial_id"  # on the parent, set when the sweep ends
+STOPPED_TAG = "peft_sweep.stopped"  # on the parent: why trials were left unstarted (a budget, resources)
 # MLflow 3 opens an experiment by its kind; training runs are "custom model development".
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 TRAINING_KIND = "custom_model_development"

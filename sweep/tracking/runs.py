@@ -40,6 +40,7 @@ from sweep.tracking.layout import (
     ROLE_TAG,
     RUN_NAME_TAG,
     SPEC_FILE,
+    STOPPED_TAG,
     SUPERSEDED_TAG,
     SWEEP_TAG,
     TRAINING_KIND,
@@ -134,16 +135,19 @@ def reopen(c: MlflowClient, run_id: str) -> None:
 
 
 def finish_sweep_run(c: MlflowClient, run_id: str, counts: dict[str, int], best: dict[str, Any] | None,
-                     interrupted: bool = False) -> None:
+                     interrupted: bool = False, stopped: str | None = None, failed: bool = False) -> None:
+    """Close the parent run; `stopped` says why trials were left (a budget, resources)."""
     now = _now_ms()
     metrics = [Metric(f"trials_{state.lower()}", float(n), now, 0) for state, n in counts.items()]
-    tags = []
+    tags = [RunTag(STOPPED_TAG, stopped[:MAX_TAG_CHARS])] if stopped else []
     if best:
         tags.append(RunTag(BEST_TRIAL_TAG, str(best["trial_id"])))
         if best.get("value") is not None and math.isfinite(best["value"]):
             metrics.append(Metric(f"best_{best['metric']}", float(best["value"]), now, 0))
     c.log_batch(run_id, metrics=metrics, tags=tags)
-    status = "KILLED" if interrupted else ("FAILED" if counts.get("ERROR", 0) else "FINISHED")
+    if not stopped and STOPPED_TAG in c.get_run(run_id).data.tags:
+        c.delete_tag(run_id, STOPPED_TAG)  # a resume finished what a budget had stopped
+    status = "KILLED" if interrupted else ("FAILED" if counts.get("ERROR", 0) or failed else "FINISHED")
     c.set_terminated(run_id, status=status)
 
 
@@ -233,6 +237,22 @@ def finished_trials(c: MlflowClient, experiment_id: str, parent_run_id: str) -> 
         if run.info.status == "FINISHED" and run.data.tags.get(TRIAL_ID_TAG):
             out[run.data.tags[TRIAL_ID_TAG]] = dict(run.data.metrics)
     return out
+
+
+def started_trials(c: MlflowClient, experiment_id: str, parent_run_id: str) -> dict[str, dict[str, float]]:
+    """trial_id -> metrics of every trial that ran under the parent (its latest run)."""
+    out: dict[str, dict[str, float]] = {}
+    for run in children(c, experiment_id, parent_run_id):
+        if run.data.tags.get(TRIAL_ID_TAG):
+            out[run.data.tags[TRIAL_ID_TAG]] = dict(run.data.metrics)  # oldest first: the latest stays
+    return out
+
+
+def failed_trials(c: MlflowClient, experiment_id: str, parent_run_id: str) -> dict[str, str]:
+    """trial_id -> the error line of every trial with a FAILED child under the parent."""
+    return {run.data.tags[TRIAL_ID_TAG]: run.data.tags.get(ERROR_TAG, "failed")
+            for run in children(c, experiment_id, parent_run_id)
+            if run.info.status == "FAILED" and run.data.tags.get(TRIAL_ID_TAG)}
 
 
 def fail_child(c: MlflowClient, run_id: str, message: str, detail: str | None = None) -> None:

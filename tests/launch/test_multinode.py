@@ -94,3 +94,50 @@ def test_submit_refuses_what_the_cluster_could_not_use(two_nodes, tiny_model, tm
                        cluster=two_nodes)
     assert result.returncode == 2 and "job server" in result.stderr and "Traceback" not in result.stderr, show(result)
     assert sweep_cli("logs", "bad-submit", cluster=two_nodes).returncode == 2
+
+
+def test_a_trial_the_cluster_cannot_place_waits_then_stops_the_sweep(two_nodes, tiny_model, mlflow_server, tmp_path):
+    """3 workers x 1 CPU on a cluster of 2 CPUs: the trial's placement group can never be
+    placed. It shows as waiting (live output and `sweep status`), and after
+    `pending_timeout_s` the sweep stops with that message, closes its parent run and exits 2;
+    no placement group of it is left."""
+    import subprocess
+    import sys
+    import time
+
+    spec = write_spec(tmp_path, "two-nodes-wait", tiny_model, mlflow_server.uri, TWO_TRIALS,
+                      resources={"workers_per_trial": 3, "cpus_per_worker": 1, "gpus_per_worker": 0,
+                                 "pending_timeout_s": 20})
+    log = tmp_path / "run.log"
+    with log.open("wb") as fh:
+        driver = sweep_cli("run", str(spec), "--address", two_nodes.address, "--quiet", cluster=two_nodes,
+                           background=True, stdout=fh)
+    try:
+        deadline = time.time() + 120
+        seen = None
+        while driver.poll() is None and time.time() < deadline:
+            time.sleep(1)
+            status = sweep_cli("status", "two-nodes-wait", cluster=two_nodes, cwd=tmp_path)
+            if "waiting for resources" in status.stdout:
+                seen = status.stdout
+                break
+        assert seen is not None, log.read_text()
+        assert "3 CPU in one placement group (3 bundles); the cluster has 2 CPU, 0 GPU" in seen, seen
+        driver.wait(timeout=120)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+    out = log.read_text()
+    assert driver.returncode == 2, out
+    assert "waiting for resources: 3 CPU" in out and "gave up after" in out and "pending_timeout_s=20" in out, out
+    assert "Traceback" not in out
+    parent, children = sweep_runs(mlflow_server, "two-nodes-wait")
+    assert parent["info"]["status"] == "FAILED" and children == []
+    assert "waiting for resources" in tags(parent)["peft_sweep.stopped"]
+    probe = (f"import ray, json; ray.init(address={two_nodes.address!r}, log_to_driver=False); "
+             "from ray.util.placement_group import placement_group_table as t; "
+             "print(json.dumps([v['state'] for v in t().values() if len(v['bundles']) == 3]))")
+    states = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120,
+                            env={**__import__("os").environ, **two_nodes.client_env})
+    assert states.returncode == 0, states.stderr
+    assert "PENDING" not in states.stdout and "CREATED" not in states.stdout, states.stdout
