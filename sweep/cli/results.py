@@ -188,7 +188,7 @@ def ui_cmd(
 ) -> None:
     """Serve the MLflow dashboard for the sweep's store on 127.0.0.1 (Ctrl-C stops it)."""
     from sweep.results import ui
-    from sweep.tracking import layout
+    from sweep.tracking import layout, views
     from sweep.tracking.reader import find_sweep
 
     sweep = None
@@ -203,11 +203,18 @@ def ui_cmd(
         except SweepLookupError:
             sweep = None  # an empty store still has a dashboard worth opening
 
+    view = None
+    if sweep is not None:  # sweeps recorded before views existed get theirs now
+        view = views.ensure_trials_view(layout.client(uri), sweep.experiment_id, sweep.parent_run_id, sweep.name,
+                                        sweep.metric, sweep.goal)
+
     def links(base: str) -> None:
         print(f"MLflow UI: {base}", flush=True)
         if sweep is not None:
             print(f"experiment {sweep.experiment_name}: {ui.experiment_url(base, sweep.experiment_id)}", flush=True)
             print(f"sweep {sweep.name} (parent run): {ui.experiment_url(base, sweep.experiment_id, sweep.parent_run_id)}", flush=True)
+            print(f"trials of {sweep.name} by {sweep.metric}: {views.trials_url(base, sweep.experiment_id, view)}",
+                  flush=True)
 
     if layout.is_server(uri):
         # The store is already an MLflow server, which serves the same dashboard.

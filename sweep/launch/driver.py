@@ -29,6 +29,7 @@ from sweep.launch.waiting import expired as waiting_expired
 from sweep.spec import Plan, load_spec, make_plan
 from sweep.tracking import layout, runs
 from sweep.tracking.reader import best_of_sweep
+from sweep.tracking.views import trials_url, view_key
 from sweep.util.secrets import redact_uri
 from sweep.util.storage import is_uri, join, read_bytes
 from trials.adapters import FAMILIES
@@ -270,7 +271,10 @@ def _finish(tuner, ctx, spec, st, client, total, forwarded: dict[str, str], *, q
             console.print(f"continue with a larger budget: `sweep resume {spec.name} --budget-max-device-hours ...` "
                           "(or --budget-max-trials, --budget-max-wall-hours)", highlight=False, soft_wrap=True)
     if layout.is_server(st.tracking_uri):
-        console.print(f"runs: {redact_uri(st.tracking_uri).rstrip('/')}/#/experiments/{st.experiment_id}/runs/{st.parent_run_id}",
+        base = redact_uri(st.tracking_uri).rstrip("/")
+        console.print(f"runs: {base}/#/experiments/{st.experiment_id}/runs/{st.parent_run_id}", highlight=False,
+                      soft_wrap=True)
+        console.print(f"trials by {spec.metric.name}: {trials_url(base, st.experiment_id, view_key(st.parent_run_id))}",
                       highlight=False, soft_wrap=True)
     return outcome
 

@@ -50,6 +50,7 @@ from sweep.tracking.layout import (
     children,
     local_store_dir,
 )
+from sweep.tracking.views import ensure_trials_view
 from trials.artifacts import versions
 
 if TYPE_CHECKING:
@@ -127,6 +128,7 @@ def start_sweep_run(c: MlflowClient, experiment_id: str, spec: SweepSpec, spec_p
     c.log_batch(run_id, params=params)
     c.log_text(run_id, spec_path.read_text(), SPEC_FILE)
     c.log_dict(run_id, plan_json, PLAN_FILE)
+    ensure_trials_view(c, experiment_id, run_id, spec.name, spec.metric.name, spec.metric.goal)
     return run_id
 
 

@@ -152,8 +152,13 @@ def test_the_mlflow_ui_opens_on_the_trial_runs_in_a_real_browser(planted, mlflow
     runs_url = f"{mlflow_server.uri}/#/experiments/{exp}/runs"
     assert f"experiment {NAME}: {runs_url}\n" in result.stdout
     assert f"{runs_url}/{parent['info']['run_id']}" in result.stdout
-    assert mlflow_server.call("GET", "experiments/get", experiment_id=exp)["experiment"]["tags"] == [
-        {"key": "mlflow.experimentKind", "value": "custom_model_development"}]
+    exp_tags = {t["key"]: t["value"] for t in mlflow_server.call("GET", "experiments/get", experiment_id=exp)
+                ["experiment"]["tags"]}
+    assert exp_tags["mlflow.experimentKind"] == "custom_model_development"
+    view = f"mlflow.sharedViewState.peftsweep{parent['info']['run_id']}"
+    assert set(exp_tags) == {"mlflow.experimentKind", view}
+    trials_url = f"{runs_url}?viewStateShareKey=peftsweep{parent['info']['run_id']}"
+    assert f"trials of {NAME} by eval_loss: {trials_url}\n" in result.stdout
 
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     assert chromium, "Chromium is needed for the browser check (.ci/run installs Debian's chromium)"
@@ -163,3 +168,14 @@ def test_the_mlflow_ui_opens_on_the_trial_runs_in_a_real_browser(planted, mlflow
     matching = re.search(r"<strong>(\d+)</strong> matching runs", dom)
     assert matching and int(matching.group(1)) == 9, dom[-2000:]  # the sweep's run and its 8 trial runs
     assert "No data available for the selected time range" not in dom  # the GenAI overview's empty charts
+
+    # The sweep's own view: its 8 trial runs as rows (not the parent), with the metric columns a
+    # person compares.
+    dom = subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=20000",
+                          "--window-size=1600,900", "--dump-dom", trials_url],
+                         capture_output=True, text=True, timeout=120).stdout
+    assert "You're viewing a shared view" in dom, dom[-2000:]
+    matching = re.search(r"<strong>(\d+)</strong> matching runs", dom)
+    assert matching and int(matching.group(1)) == 8, dom[-2000:]
+    for column in ("eval_loss", "peak_memory_mb", "device_hours"):
+        assert f">{column}<" in dom or f'"{column}"' in dom, column
