@@ -24,7 +24,8 @@ class ModelConfig(Strict):
 
 
 class DataConfig(Strict):
-    train: str = Field(description="Training data: .jsonl, .csv, .parquet or a saved HF datasets directory.")
+    train: str = Field(description="Training data: .jsonl, .csv, .parquet, a saved HF datasets directory, or a "
+                                   "dataset id (owner/name) in the local HF datasets cache, loaded offline.")
     eval: str | None = Field(None, description="Evaluation data in the same formats; or use eval_fraction.")
     eval_fraction: float | None = Field(
         None, gt=0, lt=1, description="Hold out this fraction of train as eval when no eval file is given (default 0.1); "
@@ -34,6 +35,10 @@ class DataConfig(Strict):
                                                "final adapter (test_* metrics); never used for ranking.")
     forgetting: str | None = Field(None, description="Unrelated text (.txt, one document per line, or .jsonl with a "
                                                      "`text` field): CE with the trained adapter minus CE of the base.")
+    subset: str | None = Field(None, description="The configuration (subset) of a cached HF dataset, e.g. 'main'.")
+    train_split: str = Field("train", description="The split data.train reads when it is a cached HF dataset.")
+    eval_split: str = Field("validation", description="The split data.eval reads when it is a cached HF dataset.")
+    test_split: str = Field("test", description="The split data.test reads when it is a cached HF dataset.")
     prompt_field: str = "prompt"
     response_field: str = "response"
     max_length: int = Field(256, ge=8, description="Tokens per example (prompt + response) after truncation.")

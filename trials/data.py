@@ -6,17 +6,16 @@ file, row and field.
 
 from __future__ import annotations
 
-import csv
-import json
 import logging
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from trials.config import DataConfig
 from trials.errors import TrialError
+from trials.sources import DEFAULT_SPLITS, field_value, file_rows, hub_rows, is_hub_dataset
 
 if TYPE_CHECKING:
     import torch
@@ -56,92 +55,24 @@ class Splits:
     forgetting: list[Example] = ()  # type: ignore[assignment]
 
 
-# --- reading --------------------------------------------------------------------------
+# --- reading ---------------------------------------------------------------------------
 
 
-def _rows_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
-    with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                yield f"line {lineno}", json.loads(line)
-            except json.JSONDecodeError as err:
-                raise TrialError(f"{path} line {lineno}: not valid JSON ({err.msg})") from err
-
-
-def _rows_csv(path: Path) -> Iterator[tuple[str, Any]]:
-    with path.open(encoding="utf-8", newline="") as fh:
-        reader = csv.DictReader(fh)
-        for row in reader:
-            # DictReader fills absent trailing cells with None, which then reads as "null".
-            yield f"line {reader.line_num}", {k: v for k, v in row.items() if k is not None}
-
-
-def _rows_table(rows: list[dict[str, Any]]) -> Iterator[tuple[str, Any]]:
-    for i, row in enumerate(rows, 1):
-        yield f"row {i}", row
-
-
-def _hf_dataset(path: Path, role: str):
-    from datasets import DatasetDict, load_from_disk
-
-    try:
-        ds = load_from_disk(str(path))
-    except Exception as err:  # datasets raises FileNotFoundError or its own errors for non-datasets dirs
-        raise TrialError(f"{path}: not a saved Hugging Face datasets directory ({err})") from err
-    if isinstance(ds, DatasetDict):
-        wanted = ("train",) if role == "train" else ("validation", "eval", "test")
-        names = [n for n in wanted if n in ds] or (list(ds) if len(ds) == 1 else [])
-        if not names:
-            raise TrialError(f"{path}: a DatasetDict with splits {', '.join(ds)}; none is the {role} split "
-                             f"(expected {' or '.join(wanted)}); save the split itself instead")
-        ds = ds[names[0]]
-    return ds
-
-
-def _rows(path: Path, role: str) -> Iterator[tuple[str, Any]]:
-    """(where, row) for each row, `where` as a person would look it up in the file."""
-    if path.is_dir():
-        return _rows_table(_hf_dataset(path, role).to_list())
-    if path.suffix == ".jsonl":
-        return _rows_jsonl(path)
-    if path.suffix == ".csv":
-        return _rows_csv(path)
-    if path.suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        try:
-            return _rows_table(pq.read_table(path).to_pylist())
-        except Exception as err:  # pyarrow raises ArrowInvalid and friends for corrupt files
-            raise TrialError(f"{path}: cannot read it as parquet ({err})") from err
-    raise TrialError(f"data.{role} {str(path)!r}: unsupported format; "
-                     "use .jsonl, .csv, .parquet or a saved HF datasets directory")
-
-
-def _field(path: Path, where: str, row: Any, name: str, setting: str) -> str:
-    if not isinstance(row, dict):
-        raise TrialError(f"{path} {where}: expected an object with named fields, got {type(row).__name__}")
-    if name not in row:
-        present = ", ".join(map(str, row)) or "none"
-        raise TrialError(f"{path} {where}: field {name!r} is missing (fields present: {present}); "
-                         f"fix the data or set data.{setting}")
-    value = row[name]
-    if not isinstance(value, str):
-        got = "null" if value is None else f"{type(value).__name__} {str(value)[:40]!r}"
-        raise TrialError(f"{path} {where}: field {name!r} must be a string, got {got}")
-    return value
-
-
-def read_pairs(path: str | Path, prompt_field: str, response_field: str, role: str = "train") -> list[tuple[str, str]]:
-    """(prompt, response) strings from a jsonl, csv or parquet file or a saved HF datasets dir."""
+def read_pairs(path: str | Path, prompt_field: str, response_field: str, role: str = "train", *,
+               split: str | None = None, subset: str | None = None) -> list[tuple[str, str]]:
+    """(prompt, response) strings from a jsonl, csv or parquet file, a saved HF datasets dir,
+    or a dataset id in the local HF datasets cache (its `split`, and `subset` if given)."""
     p = Path(path).expanduser()
-    if not p.exists():
+    if is_hub_dataset(str(path)):
+        p, rows = Path(str(path)), hub_rows(str(path), role, split or DEFAULT_SPLITS[role], subset)
+    elif not p.exists():
         raise TrialError(f"data.{role} {str(path)!r}: no such file or directory")
+    else:
+        rows = file_rows(p, role)
     pairs = []
-    for where, row in _rows(p, role):
-        prompt = _field(p, where, row, prompt_field, "prompt_field")
-        response = _field(p, where, row, response_field, "response_field")
+    for where, row in rows:
+        prompt = field_value(p, where, row, prompt_field, "prompt_field")
+        response = field_value(p, where, row, response_field, "response_field")
         if not response.strip():
             raise TrialError(f"{p} {where}: field {response_field!r} is empty; every example needs a response to learn")
         pairs.append((prompt, response))
@@ -202,7 +133,7 @@ def read_texts(path: str | Path) -> list[str]:
     if p.suffix == ".txt":
         texts = [line.strip() for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
     else:
-        texts = [_field(p, where, row, "text", "forgetting") for where, row in _rows(p, "forgetting")]
+        texts = [field_value(p, where, row, "text", "forgetting") for where, row in file_rows(p, "forgetting")]
     if not texts:
         raise TrialError(f"{p}: no text (the forgetting data is empty)")
     return texts
@@ -227,7 +158,8 @@ def load_splits(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase) -> Splits:
 
     def split(name: str) -> list[Example]:
         path = getattr(cfg, name)
-        pairs = read_pairs(path, cfg.prompt_field, cfg.response_field, name)
+        pairs = read_pairs(path, cfg.prompt_field, cfg.response_field, name, split=getattr(cfg, f"{name}_split"),
+                           subset=cfg.subset)
         return tokenize(pairs, tokenizer, cfg.max_length, path)
 
     extra: dict[str, list[Example]] = {}

@@ -80,7 +80,8 @@ def check_data(data: DataConfig, tokenizer, *, workers: int, batch_size: int) ->
         if path is None:
             continue
         try:
-            pairs = read_pairs(path, data.prompt_field, data.response_field, role)
+            pairs = read_pairs(path, data.prompt_field, data.response_field, role, split=getattr(data, f"{role}_split"),
+                               subset=data.subset)
         except TrialError as err:
             problems.append(str(err))
             continue

@@ -15,6 +15,7 @@ from sweep.spec.messages import field_path
 from sweep.spec.schema import Distribution, SweepSpec, is_scalar
 from trials.adapters import FAMILIES
 from trials.config import DataConfig, ModelConfig, TrainerConfig, TrialConfig
+from trials.sources import is_hub_dataset
 
 
 @dataclass(frozen=True)
@@ -101,7 +102,9 @@ def resolve_model(base_model: str, spec_dir: Path) -> str:
 
 def _resolve_data(data: DataConfig, spec_dir: Path) -> DataConfig:
     def resolve(p: str | None) -> str | None:
-        return None if p is None else str((spec_dir / Path(p).expanduser()).resolve())
+        if p is None or is_hub_dataset(p, spec_dir):
+            return p  # a dataset id stays one: every worker reads its own HF cache
+        return str((spec_dir / Path(p).expanduser()).resolve())
 
     return data.model_copy(update={name: resolve(getattr(data, name)) for name in DATA_FILES})
 

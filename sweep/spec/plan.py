@@ -21,6 +21,7 @@ from sweep.spec.expand import DATA_FILES, Candidate, Expansion, Rejected, expand
 from sweep.spec.schema import SweepSpec
 from trials.adapters import FAMILIES, Issue, PlanContext, TargetShape
 from trials.config import TrialConfig
+from trials.sources import is_hub_dataset
 
 
 @dataclass(frozen=True)
@@ -218,7 +219,7 @@ def _check_data(spec: SweepSpec, spec_dir: Path) -> list[str]:
     lines = []
     for name in DATA_FILES:
         value = getattr(spec.data, name)
-        if value is not None and not (spec_dir / Path(value).expanduser()).exists():
+        if value is not None and not is_hub_dataset(value, spec_dir) and not (spec_dir / Path(value).expanduser()).exists():
             lines.append(f"data.{name}: file not found: {value} (relative paths resolve against {spec_dir})")
     return lines
 
