@@ -88,6 +88,13 @@ class _Import:
 
     def feature(self, config: dict, key: str) -> str:
         feats = config.get(key)
+        if feats is None:
+            # Snippets (the seed page's among them) often leave the features out; a text
+            # prompt -> text response on the conventional field names is what they mean.
+            default = "prompt" if key == "input_features" else "response"
+            self.warn(f"{key}: not set; reading the data field {default!r} (set data.prompt_field/response_field "
+                      "in the spec for others)")
+            return default
         text = [i for i, f in enumerate(feats) if isinstance(f, dict) and f.get("type") == "text"] \
             if isinstance(feats, list) else []
         if not text:
@@ -335,7 +342,7 @@ def ludwig_to_spec(config: Any, *, train: str, eval: str | None = None, name: st
         where = SPLITS[raw_metric.pop(0)]
     feature = raw_metric[-2] if len(raw_metric) > 1 else hyper.get("output_feature", "combined")
     ours = LUDWIG_METRICS.get(raw_metric[-1])
-    output_name = next(f.get("name") for f in config["output_features"] if f.get("type") == "text")
+    output_name = im.fields[1]
     if feature not in ("combined", output_name):
         im.error(f"hyperopt.output_feature: {feature!r}; peft-sweep scores the one response feature ({output_name})")
     if ours is None or where not in ("eval", "train") or (where == "train" and ours != "eval_loss"):

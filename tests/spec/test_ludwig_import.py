@@ -268,3 +268,22 @@ def test_round_trip_keeps_clipping_off_and_the_eval_settings(tmp_path, model_dir
     (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
     (planned,) = make_plan(*load_spec(tmp_path / "spec.yaml")).trials
     assert planned.trial.model_dump(exclude={"trial_id"}) == original.model_dump(exclude={"trial_id"})
+
+
+def test_a_snippet_without_features_reads_prompt_and_response(tmp_path, model_dir):
+    """The seed page's snippets leave input/output features out: the conventional fields are
+    read, with a warning for each."""
+    import json
+
+    train = tmp_path / "pairs.jsonl"
+    train.write_text("".join(json.dumps({"prompt": r["instruction"], "response": r["output"]}) + "\n" for r in ROWS))
+    config = {"model_type": "llm", "base_model": str(model_dir),
+              "adapter": {"type": "lora", "r": 16, "alpha": 16, "init_lora_weights": "pissa"},
+              "trainer": {"type": "finetune", "epochs": 3, "learning_rate": 1e-4}}
+    result, written = import_cli(tmp_path, config, (train, train))
+    assert result.exit_code == 0, result.output
+    assert "input_features: not set; reading the data field 'prompt'" in result.output
+    assert "output_features: not set; reading the data field 'response'" in result.output
+    spec, _ = load_spec(written)
+    assert (spec.data.prompt_field, spec.data.response_field) == ("prompt", "response")
+    assert spec.search.trainer.max_steps == [120]  # ceil(40 examples x 3 epochs / batch 1)
