@@ -21,7 +21,14 @@ from sweep.launch.early_stop import board_name, start_board, stop_board
 from sweep.launch.forwarding import start_box, stop_box, values_of
 from sweep.launch.progress import Progress, attach, detach
 from sweep.launch.reconcile import Reconciler, close_orphans
-from sweep.launch.runtime import init_ray, local_resource_problems, quiet_ray_logs, worker_env
+from sweep.launch.runtime import (
+    cluster_gpu_memory_gb,
+    init_ray,
+    local_resource_problems,
+    memory_warnings,
+    quiet_ray_logs,
+    worker_env,
+)
 from sweep.launch.search import optuna_space, tune_configs, tune_run_config
 from sweep.launch.trial_fn import make_trainable
 from sweep.launch.waiting import ResourceWatch
@@ -149,6 +156,7 @@ def run_sweep(spec, spec_path: Path, spec_dir: Path, plan: Plan, *, address: str
         raise LaunchError(problems)
     layout.check_server(uri)
     dashboard = init_ray(address, worker_env(spec), verbose=verbose)
+    _check_gpu_memory(spec, plan, console)
     client = layout.client(uri)
     experiment_id = runs.ensure_experiment(client, spec.tracking.experiment or spec.name, uri)
     parent_run_id = runs.start_sweep_run(client, experiment_id, spec, spec_path, plan.to_json(), storage)
@@ -168,6 +176,19 @@ def run_sweep(spec, spec_path: Path, spec_dir: Path, plan: Plan, *, address: str
                        run_config=tune_run_config(spec, storage))
     total = spec.search.num_samples if spec.search.strategy == "optuna" else len(plan.trials)
     return _finish(tuner, ctx, spec, st, client, total, forwarded, quiet=quiet, console=console)
+
+
+def _check_gpu_memory(spec, plan: Plan, console) -> None:
+    """Without resources.gpu_memory_gb, the plan's memory estimate is checked against what
+    the connected cluster's GPUs report."""
+    if not spec.resources.gpus_per_worker or spec.resources.gpu_memory_gb is not None:
+        return
+    gb = cluster_gpu_memory_gb()
+    if gb is None:
+        return
+    console.print(f"gpu memory: {gb:.1f} GiB per GPU (read from the cluster)", highlight=False, soft_wrap=True)
+    for line in memory_warnings(plan, gb):
+        console.print(f"warning {line}", highlight=False, soft_wrap=True)
 
 
 def resume_sweep(name_or_path: str, *, address: str | None, quiet: bool, verbose: bool, retry_failed: bool,

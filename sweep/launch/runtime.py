@@ -14,6 +14,8 @@ from ray._private.services import canonicalize_bootstrap_address
 import sweep
 import trials
 from sweep.errors import LaunchError
+
+log = logging.getLogger(__name__)
 from sweep.util.net import free_port
 from sweep.util.secrets import is_secret
 
@@ -64,6 +66,38 @@ def local_resource_problems(spec) -> list[str]:
                         f"gpus_per_worker {r.gpus_per_worker:g}) and this machine has {gpus}; use gpus_per_worker: 0, "
                         "or pass --address of a cluster with GPUs (nothing was started)")
     return problems
+
+
+def _device_memory_gb() -> float:
+    import torch
+
+    return torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory / 2**30
+
+
+def cluster_gpu_memory_gb(timeout_s: float = 120.0) -> float | None:
+    """The memory of one of the connected cluster's GPUs, as CUDA reports it on a GPU node
+    (a one-GPU task); None without GPUs, or when none is free within the timeout."""
+    if not ray.cluster_resources().get("GPU"):
+        return None
+    ref = ray.remote(num_gpus=1, num_cpus=0)(_device_memory_gb).remote()
+    try:
+        return float(ray.get(ref, timeout=timeout_s))
+    except Exception as err:  # GPUs all busy, or the probe failed: the estimate stays unverified
+        ray.cancel(ref, force=True)
+        log.warning("could not read the cluster's GPU memory (%s); the memory estimate is not checked", err)
+        return None
+
+
+def memory_warnings(plan, gpu_memory_gb: float) -> list[str]:
+    """Trials whose estimated peak per worker exceeds the cluster's GPU memory."""
+    over = [t for t in plan.trials if t.estimate is not None and t.estimate.peak_memory_mb > gpu_memory_gb * 1024]
+    if not over:
+        return []
+    worst = max(over, key=lambda t: t.estimate.peak_memory_mb)
+    return [f"{len(over)} of {len(plan.trials)} trials are estimated to need more than the cluster's "
+            f"{gpu_memory_gb:.0f} GiB per GPU (largest: {worst.trial.trial_id}, "
+            f"{worst.estimate.peak_memory_mb / 1024:.1f} GiB); consider trainer.gradient_checkpointing, "
+            "a smaller batch_size or max_length, or deepspeed.zero_stage: 3"]
 
 
 def init_ray(address: str | None, env: dict[str, str], *, verbose: bool) -> str | None:
