@@ -7,6 +7,7 @@ spec, which adds grid lists and distributions on top of the concrete trainer fie
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import re
 from pathlib import Path
@@ -21,6 +22,19 @@ from trials.strict import Strict
 class ModelConfig(Strict):
     base_model: str = Field(description="Local model directory or a Hugging Face model id.")
     trust_remote_code: bool = Field(False, description="Run the model repository's own code. Never on by default.")
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field(
+        "sdpa", description="Attention kernel: sdpa (PyTorch's fused attention), eager (plain matmuls), or "
+                            "flash_attention_2 (needs the flash-attn package and a CUDA GPU).")
+
+    @field_validator("attn_implementation")
+    @classmethod
+    def _kernel_installed(cls, value: str) -> str:
+        # Checked where the config is validated, the plan first: a trial would fail on every worker.
+        if value == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+            raise ValueError("flash_attention_2 needs the flash-attn package, which is not installed here "
+                             "(pip install flash-attn, on a CUDA machine, also where `sweep plan` runs); use sdpa, "
+                             "PyTorch's fused attention, which needs nothing extra")
+        return value
 
 
 class DataConfig(Strict):

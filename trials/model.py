@@ -59,7 +59,8 @@ def load_model(cfg: ModelConfig, dtype: torch.dtype) -> PreTrainedModel:
 
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            cfg.base_model, dtype=dtype, trust_remote_code=cfg.trust_remote_code, local_files_only=True
+            cfg.base_model, dtype=dtype, trust_remote_code=cfg.trust_remote_code, local_files_only=True,
+            attn_implementation=cfg.attn_implementation,
         )
     except (OSError, ValueError) as err:
         raise _not_found(cfg.base_model, err) from err

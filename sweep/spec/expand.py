@@ -128,7 +128,7 @@ class TrialInputs:
 
 
 def trial_inputs(spec: SweepSpec, spec_dir: Path) -> TrialInputs:
-    model = ModelConfig(base_model=resolve_model(spec.model.base_model, spec_dir), trust_remote_code=spec.model.trust_remote_code)
+    model = spec.model.model_copy(update={"base_model": resolve_model(spec.model.base_model, spec_dir)})
     return TrialInputs(spec.model, spec.data, spec.deepspeed, {"model": model, "data": _resolve_data(spec.data, spec_dir)},
                        spec.evaluation)
 

@@ -151,6 +151,7 @@ def synthetic_values(variant: str, r: int | None, seed: int, trainable: int, tot
         "adapter_bytes": float(adapter_bytes),
         "train_s": 1.5 + 0.1 * seed,
         "wall_s": 9.0 + 0.1 * seed,
+        "device_hours": (9.0 + 0.1 * seed) * 2 / 3600,  # 2 workers
     }
 
 
@@ -276,7 +277,8 @@ def test_every_number_equals_the_logged_metric(table, synthetic):
         runs = expected[row.variant]
         assert sorted(row.config_runs) == sorted(r.run_id for r in runs)
         for col in table.columns:
-            values = [r.metrics[col.key] for r in runs]
+            values = [r.metrics[table.metric] / r.metrics["device_hours"] if col.key == "per_device_hour"
+                      else r.metrics[col.key] for r in runs]
             cell = row.cells[col.key]
             assert cell.n == len(values), (row.variant, col.key)
             assert sorted(cell.values) == sorted(values), (row.variant, col.key)

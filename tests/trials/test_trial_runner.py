@@ -197,6 +197,22 @@ def test_peak_memory_is_each_trials_own_on_kept_processes(variant_runs):
 
 
 @pytest.mark.slow
+def test_attention_kernels_give_the_same_eval_loss(tiny_model, tmp_path):
+    """model.attn_implementation reaches the loaded model, and PyTorch's fused attention and
+    plain matmuls train the same LoRA to the same eval loss (fp32, CPU)."""
+    trials = {}
+    for impl in ("sdpa", "eager"):
+        cfg = trial(tiny_model, {"type": "lora", "r": 8, "dropout": 0.0})
+        cfg["model"]["attn_implementation"] = impl
+        cfg["trainer"].update(max_steps=4, eval_every=4, eval_batches=2)
+        trials[impl] = cfg
+    result = cli("run", *map(str, write_trials(tmp_path / "trials", trials)), "--out", str(tmp_path / "out"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    sdpa, eager = (json.loads((tmp_path / "out" / k / "metrics.json").read_text())["metrics"] for k in trials)
+    assert eager["eval_loss"] == pytest.approx(sdpa["eval_loss"], abs=1e-5)
+    assert eager["eval_loss"] < eager["eval_loss_before"]
+
+
 def test_gradient_checkpointing_gives_the_same_eval_loss(tiny_model, tmp_path):
     """Recomputing activations changes memory, not results: with dropout 0, the same trial with
     and without trainer.gradient_checkpointing ends at the same eval loss, for families and
