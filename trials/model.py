@@ -26,7 +26,8 @@ def resolve_dtype(precision: str, cuda: bool) -> torch.dtype:
 
 def _not_found(name: str, err: Exception) -> TrialError:
     if Path(name).expanduser().exists() or name.startswith((".", "/", "~")):
-        return TrialError(f"model.base_model {name!r}: cannot load it from that local path ({err})")
+        reason = " ".join(str(err).split())  # transformers' messages span lines; a problem is one
+        return TrialError(f"model.base_model {name!r}: cannot load it from that local path ({reason})")
     # Trials never download (a download inside a multi-worker trial would hang every
     # worker on the hub), so a hub id must already be in the local cache.
     return TrialError(
