@@ -2,9 +2,28 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+
+from trials.tiny import default_cache_root
+
+# The tiny model stays in the user's cache (built once, reused across sessions); the index of
+# sweeps and submissions is this session's own, so a sweep name an earlier session used
+# (whose MLflow server is gone) never answers for one of these tests.
+MODEL_CACHE = default_cache_root()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def private_sweep_index(tmp_path_factory):
+    saved = os.environ.get("PEFT_SWEEP_CACHE")
+    os.environ["PEFT_SWEEP_CACHE"] = str(tmp_path_factory.mktemp("peft-sweep-cache"))
+    yield
+    if saved is None:
+        os.environ.pop("PEFT_SWEEP_CACHE", None)
+    else:
+        os.environ["PEFT_SWEEP_CACHE"] = saved
 
 
 @pytest.fixture(scope="session")
@@ -13,7 +32,7 @@ def tiny_model() -> Path:
     downstream task in ``task/train.jsonl`` and ``task/eval.jsonl``."""
     from trials.tiny import ensure_tiny
 
-    return ensure_tiny(quick=True)
+    return ensure_tiny(MODEL_CACHE, quick=True)
 
 
 @pytest.fixture(scope="session")

@@ -119,6 +119,8 @@ def _fit(tuner, ctx: LaunchContext, spec, describe_total: int | None, *, quiet: 
             status = "TERMINATED"
             if r.error is not None:
                 status = "SKIPPED" if SKIPPED_PREFIX in str(r.error) else "ERROR"
+            elif (r.metrics or {}).get("step") is None:
+                status = "STOPPED"  # ended by the sweep's stop (waiting, Ctrl-C) before its first report
             counts[status] = counts.get(status, 0) + 1
     if not interrupted:
         close_orphans(ctx)
@@ -282,6 +284,8 @@ def _finish(tuner, ctx, spec, st, client, total, forwarded: dict[str, str], *, q
     line = f"sweep {spec.name}: {done} finished, {failed} failed"
     if outcome.counts.get("SKIPPED"):
         line += f", {outcome.counts['SKIPPED']} not started (budget)"
+    if outcome.counts.get("STOPPED"):
+        line += f", {outcome.counts['STOPPED']} stopped before training"
     line += f" in {time.time() - started:.1f}s"
     if outcome.best:
         line += f"; best {outcome.best['trial_id']} {outcome.best['metric']}={outcome.best['value']:.4g}"

@@ -7,7 +7,7 @@ from typing import Any
 
 from ray.tune import ExperimentAnalysis
 
-from sweep.errors import SpecError
+from sweep.errors import LaunchError, SpecError
 from sweep.launch import state as sweep_state
 from sweep.spec import load_spec
 from sweep.tracking import layout
@@ -53,6 +53,7 @@ def sweep_status(name_or_path: str) -> dict[str, Any]:
     except Exception as err:  # no experiment state yet, or an unreadable one
         report["warning"] = f"no Ray Tune experiment state readable in {storage} ({str(err).splitlines()[0][:160]})"
     try:
+        layout.check_server(st.tracking_uri)  # seconds, not MLflow's minutes of retries, when it is gone
         client = layout.client(st.tracking_uri)
         report["parent_status"] = client.get_run(st.parent_run_id).info.status
         for run in layout.children(client, st.experiment_id, st.parent_run_id):
@@ -65,6 +66,8 @@ def sweep_status(name_or_path: str) -> dict[str, Any]:
                 row["mlflow"] = f"{run.info.status} (stopped early)"
             if metric in run.data.metrics:
                 row["metric"] = run.data.metrics[metric]
+    except LaunchError as err:
+        report["warning"] = (report.get("warning", "") + f"; {err.lines[0]}").lstrip("; ")
     except Exception as err:
         report["warning"] = (report.get("warning", "") + f"; MLflow at {st.tracking_uri} unreachable: "
                              f"{str(err).splitlines()[0][:160]}").lstrip("; ")

@@ -131,6 +131,7 @@ def test_a_trial_the_cluster_cannot_place_waits_then_stops_the_sweep(two_nodes, 
     assert driver.returncode == 2, out
     assert "waiting for resources: 3 CPU" in out and "gave up after" in out and "pending_timeout_s=20" in out, out
     assert "Traceback" not in out
+    assert "0 finished, 0 failed, 1 stopped before training" in out, out  # nothing trained: none counts as done
     parent, children = sweep_runs(mlflow_server, "two-nodes-wait")
     assert parent["info"]["status"] == "FAILED" and children == []
     assert "waiting for resources" in tags(parent)["peft_sweep.stopped"]

@@ -62,3 +62,18 @@ def test_an_unreadable_index_reads_as_empty(tmp_path, monkeypatch):
     _sweep(folder)  # rewrites the index
     monkeypatch.chdir(tmp_path / "runs")
     assert state.locate("demo") == str(folder)
+
+
+def test_status_of_a_sweep_whose_mlflow_server_is_gone_answers_with_one_line(tmp_path):
+    """A sweep recorded against a server that no longer runs (an old session's, a laptop's):
+    `sweep status` says so in one line after the health check, instead of sitting through
+    MLflow's minutes of request retries."""
+    from sweep.launch.status import sweep_status
+    from sweep.util.net import free_port
+
+    st = _sweep(tmp_path / "old")
+    st.tracking_uri = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    state.save(st)
+    report = sweep_status(str(tmp_path / "old"))
+    assert report["trials"] == [] and "parent_status" not in report
+    assert f"cannot reach the MLflow server at {st.tracking_uri}" in report["warning"], report
