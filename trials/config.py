@@ -17,6 +17,7 @@ from pydantic import Field, field_validator, model_validator
 
 from trials.adapters import AdapterFields, family_of
 from trials.strict import Strict
+from trials.templates import template_problem
 
 
 class ModelConfig(Strict):
@@ -55,12 +56,35 @@ class DataConfig(Strict):
     test_split: str = Field("test", description="The split data.test reads when it is a cached HF dataset.")
     prompt_field: str = "prompt"
     response_field: str = "response"
+    messages_field: str | None = Field(None, description="A field holding a chat (a list of {role, content}); "
+                                                         "rendered by the chat template, trained on every assistant "
+                                                         "turn. Replaces prompt_field/response_field.")
+    template: str = Field("plain", description="'plain' (the prompt as written), 'chat' (the tokenizer's chat "
+                                               "template: the prompt as the user turn, the response as the "
+                                               "assistant turn), or a format string with {prompt}.")
+    system: str | None = Field(None, description="A system message before every chat (data.template: chat or "
+                                                 "data.messages_field).")
     max_length: int = Field(256, ge=8, description="Tokens per example (prompt + response) after truncation.")
+
+    @field_validator("template")
+    @classmethod
+    def _known_template(cls, value: str) -> str:
+        problem = template_problem(value)
+        if problem is not None:
+            raise ValueError(problem)
+        return value
 
     @model_validator(mode="after")
     def _one_eval_source(self) -> DataConfig:
         if self.eval is not None and self.eval_fraction is not None:
             raise ValueError("give either data.eval or data.eval_fraction, not both")
+        chat = self.template == "chat" or self.messages_field is not None
+        if self.messages_field is not None and self.template not in ("plain", "chat"):
+            raise ValueError("data.messages_field rows are rendered by the chat template; drop data.template or set "
+                             "it to chat")
+        if self.system is not None and not chat:
+            raise ValueError("data.system is the system turn of a chat; set data.template: chat (or use "
+                             "data.messages_field)")
         return self
 
 

@@ -1,4 +1,4 @@
-"""Prompt/response data: read, validate, tokenize, split, shard and batch.
+"""Prompt/response data: read, validate, tokenize (by trials.templates), split, shard and batch.
 
 Every problem with the data is found here, before any model is loaded, and named by
 file, row and field.
@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 from trials.config import DataConfig
 from trials.errors import TrialError
 from trials.sources import DEFAULT_SPLITS, field_value, file_rows, hub_rows, is_hub_dataset
+from trials.templates import PLAIN, Row, chat_template_problem, encode, needs_chat_template, read_messages
 
 if TYPE_CHECKING:
     import torch
@@ -35,12 +36,15 @@ SPLIT_SEED = 0
 @dataclass(frozen=True)
 class Example:
     input_ids: list[int]
-    labels: list[int]  # IGNORE on the prompt; the response tokens and EOS otherwise
+    labels: list[int]  # IGNORE where the loss does not look: the prompt, a chat's other turns
     index: int = -1  # the example's row (0-based) in its file; -1 for a filler
-    target: str = ""  # the response as written in the data
+    target: str = ""  # the response as written in the data (a chat's last assistant turn)
+    n_prompt: int | None = None  # tokens before the response generation produces; None: the leading IGNOREs
 
     @property
     def prompt_len(self) -> int:
+        if self.n_prompt is not None:
+            return self.n_prompt
         n = 0
         while n < len(self.labels) and self.labels[n] == IGNORE:
             n += 1
@@ -58,69 +62,88 @@ class Splits:
 # --- reading ---------------------------------------------------------------------------
 
 
-def read_pairs(path: str | Path, prompt_field: str, response_field: str, role: str = "train", *,
-               split: str | None = None, subset: str | None = None) -> list[tuple[str, str]]:
-    """(prompt, response) strings from a jsonl, csv or parquet file, a saved HF datasets dir,
-    or a dataset id in the local HF datasets cache (its `split`, and `subset` if given)."""
+def read_rows(path: str | Path, role: str, cfg: DataConfig) -> list[Row]:
+    """The examples of one data file (jsonl, csv, parquet, a saved HF datasets dir) or a dataset
+    id in the local HF datasets cache: prompt/response fields, or a chat in data.messages_field."""
     p = Path(path).expanduser()
     if is_hub_dataset(str(path)):
-        p, rows = Path(str(path)), hub_rows(str(path), role, split or DEFAULT_SPLITS[role], subset)
+        p, rows = Path(str(path)), hub_rows(str(path), role, getattr(cfg, f"{role}_split", None) or DEFAULT_SPLITS[role],
+                                             cfg.subset)
     elif not p.exists():
         raise TrialError(f"data.{role} {str(path)!r}: no such file or directory")
     else:
         rows = file_rows(p, role)
-    pairs = []
+    out = []
     for where, row in rows:
-        prompt = field_value(p, where, row, prompt_field, "prompt_field")
-        response = field_value(p, where, row, response_field, "response_field")
+        if cfg.messages_field is not None:
+            if not isinstance(row, dict) or cfg.messages_field not in row:
+                present = ", ".join(map(repr, row)) if isinstance(row, dict) else type(row).__name__
+                raise TrialError(f"{p} {where}: field {cfg.messages_field!r} is missing (fields present: {present}); "
+                                 "set data.messages_field to the field holding the chat")
+            turns = read_messages(row[cfg.messages_field], f"{p} {where}", cfg.messages_field)
+            out.append(Row("", next(c for r, c in reversed(turns) if r == "assistant"), turns))
+            continue
+        prompt = field_value(p, where, row, cfg.prompt_field, "prompt_field")
+        response = field_value(p, where, row, cfg.response_field, "response_field")
         if not response.strip():
-            raise TrialError(f"{p} {where}: field {response_field!r} is empty; every example needs a response to learn")
-        pairs.append((prompt, response))
-    if not pairs:
+            raise TrialError(f"{p} {where}: field {cfg.response_field!r} is empty; every example needs a response "
+                             "to learn")
+        out.append(Row(prompt, response))
+    if not out:
         raise TrialError(f"{p}: no examples (the {role} data is empty)")
-    return pairs
+    return out
+
+
+def read_pairs(path: str | Path, prompt_field: str, response_field: str, role: str = "train", *,
+               split: str | None = None, subset: str | None = None) -> list[tuple[str, str]]:
+    """(prompt, response) strings of a prompt/response data file (see read_rows)."""
+    cfg = DataConfig(train=str(path), prompt_field=prompt_field, response_field=response_field, subset=subset,
+                     **({f"{role}_split": split} if split and role in DEFAULT_SPLITS else {}))
+    return [(r.prompt, r.response) for r in read_rows(path, role, cfg)]
 
 
 # --- tokenizing -----------------------------------------------------------------------
 
 
-def tokenize(pairs: list[tuple[str, str]], tokenizer: PreTrainedTokenizerBase, max_length: int,
-             source: str) -> list[Example]:
-    """Prompt tokens (with the tokenizer's own specials, e.g. BOS), then response tokens and
-    EOS; truncated to max_length; loss only on the response. Examples whose response is cut
-    away entirely are dropped (all of them is an error)."""
-    prompts = tokenizer([p for p, _ in pairs])["input_ids"]
-    responses = tokenizer([r for _, r in pairs], add_special_tokens=False)["input_ids"]
-    eos = tokenizer.eos_token_id
+def _rows(rows: list[Row] | list[tuple[str, str]]) -> list[Row]:
+    return [r if isinstance(r, Row) else Row(*r) for r in rows]
+
+
+def tokenize(rows: list[Row] | list[tuple[str, str]], tokenizer: PreTrainedTokenizerBase, max_length: int,
+             source: str, template: str = PLAIN, system: str | None = None) -> list[Example]:
+    """Tokens by data.template (trials.templates), truncated to max_length; the loss only on
+    the response (every assistant turn of a chat). Examples whose learned tokens are all cut
+    away are dropped (all of them is an error)."""
+    rows = _rows(rows)
+    encoded = encode(rows, tokenizer, template, system)
     out: list[Example] = []
-    for index, (prompt, response, (_, text)) in enumerate(zip(prompts, responses, pairs)):
-        ids = (list(prompt) + list(response) + [eos])[:max_length]
-        n_prompt = min(len(prompt), len(ids))
-        if n_prompt == len(ids):
+    for index, (row, enc) in enumerate(zip(rows, encoded)):
+        ids = enc.ids[:max_length]
+        labels = [t if learned else IGNORE for t, learned in zip(ids, enc.trained)]
+        if all(label == IGNORE for label in labels):
             continue
-        out.append(Example(ids, [IGNORE] * n_prompt + ids[n_prompt:], index, text))
-    dropped = len(pairs) - len(out)
+        out.append(Example(ids, labels, index, row.response, min(enc.n_prompt, len(ids))))
+    dropped = len(rows) - len(out)
     if not out:
-        longest = max(len(p) for p in prompts)
-        raise TrialError(f"{source}: all {len(pairs)} examples lose their whole response when truncated to "
+        longest = max(e.n_prompt for e in encoded)
+        raise TrialError(f"{source}: all {len(rows)} examples lose their whole response when truncated to "
                          f"data.max_length={max_length} (longest prompt: {longest} tokens); raise data.max_length")
     if dropped:
         log.warning("%s: dropped %d of %d examples whose response does not fit in max_length=%d",
-                    source, dropped, len(pairs), max_length)
+                    source, dropped, len(rows), max_length)
     return out
 
 
-def pair_stats(pairs: list[tuple[str, str]], tokenizer: PreTrainedTokenizerBase, max_length: int) -> dict[str, int]:
-    """What tokenizing these pairs gives, without building examples: the tokens kept, how many
-    examples are cut at max_length, and how many lose their whole response (dropped)."""
-    prompts = tokenizer([p for p, _ in pairs])["input_ids"]
-    responses = tokenizer([r for _, r in pairs], add_special_tokens=False)["input_ids"]
-    lengths = [(len(p), len(p) + len(r) + 1) for p, r in zip(prompts, responses)]  # + EOS
+def pair_stats(rows: list[Row] | list[tuple[str, str]], tokenizer: PreTrainedTokenizerBase, max_length: int,
+               template: str = PLAIN, system: str | None = None) -> dict[str, int]:
+    """What tokenizing these rows gives, without building examples: the tokens kept, how many
+    examples are cut at max_length, and how many lose all their learned tokens (dropped)."""
+    encoded = encode(_rows(rows), tokenizer, template, system)
     return {
-        "examples": len(pairs),
-        "tokens": sum(min(full, max_length) for _, full in lengths),
-        "truncated": sum(full > max_length for _, full in lengths),
-        "dropped": sum(prompt >= max_length for prompt, _ in lengths),
+        "examples": len(encoded),
+        "tokens": sum(min(len(e.ids), max_length) for e in encoded),
+        "truncated": sum(len(e.ids) > max_length for e in encoded),
+        "dropped": sum(not any(e.trained[:max_length]) for e in encoded),
     }
 
 
@@ -156,11 +179,15 @@ def load_splits(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase) -> Splits:
     train (the same for every trial, see SPLIT_SEED)."""
     import torch
 
+    if needs_chat_template(cfg.template, cfg.messages_field):
+        problem = chat_template_problem(tokenizer, getattr(tokenizer, "name_or_path", "the base model"),
+                                        cfg.messages_field)
+        if problem is not None:
+            raise TrialError(problem)
+
     def split(name: str) -> list[Example]:
         path = getattr(cfg, name)
-        pairs = read_pairs(path, cfg.prompt_field, cfg.response_field, name, split=getattr(cfg, f"{name}_split"),
-                           subset=cfg.subset)
-        return tokenize(pairs, tokenizer, cfg.max_length, path)
+        return tokenize(read_rows(path, name, cfg), tokenizer, cfg.max_length, path, cfg.template, cfg.system)
 
     extra: dict[str, list[Example]] = {}
     if cfg.test is not None:

@@ -64,6 +64,7 @@ class Evaluator:
     tokenizer: Any
     device: Any
     synced_generation: bool  # ZeRO-3 across ranks: every rank runs as many decoding steps as the longest
+    stop_ids: tuple[int, ...] = ()  # besides EOS: the chat template's end of an assistant turn
 
     @property
     def pad_id(self) -> int:
@@ -141,7 +142,8 @@ class Evaluator:
         from transformers import GenerationConfig
 
         config = GenerationConfig(max_new_tokens=self.cfg.max_new_tokens, do_sample=False, num_beams=1,
-                                  pad_token_id=self.pad_id, eos_token_id=self.tokenizer.eos_token_id,
+                                  pad_token_id=self.pad_id,
+                                  eos_token_id=[self.tokenizer.eos_token_id, *self.stop_ids],
                                   bos_token_id=self.tokenizer.bos_token_id)
         out: dict[int, dict[str, Any]] = {}
         with torch.no_grad():

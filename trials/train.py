@@ -23,6 +23,7 @@ from trials.evaluate import Evaluator, gather_records
 from trials.memory import PeakMemory
 from trials.metrics import NullReporter, Reporter
 from trials.model import count_params, load_model, load_tokenizer, resolve_dtype
+from trials.templates import needs_chat_template, turn_end_ids
 
 if TYPE_CHECKING:
     import torch
@@ -228,7 +229,9 @@ class _Trial:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.enable_input_require_grads()
         self.evaluator = Evaluator(cfg.evaluation, tokenizer, self.world.device,
-                                   synced_generation=cfg.deepspeed.zero_stage == 3 and self.world.size > 1)
+                                   synced_generation=cfg.deepspeed.zero_stage == 3 and self.world.size > 1,
+                                   stop_ids=tuple(turn_end_ids(tokenizer)) if needs_chat_template(
+                                       cfg.data.template, cfg.data.messages_field) else ())
         if splits.forgetting:
             # The base model itself, before any adapter exists: for PiSSA-like inits, which
             # rewrite base weights, "adapter disabled" after wrapping is not the base any more.

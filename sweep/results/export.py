@@ -75,7 +75,7 @@ def ludwig_config(config: TrialConfig) -> dict[str, Any]:
     trainer["steps_per_checkpoint"] = t.eval_every
     if t.eval_batches is not None:
         trainer["eval_steps"] = t.eval_batches
-    return {
+    out = {
         "model_type": "llm",
         "base_model": config.model.base_model,
         "input_features": [{"name": config.data.prompt_field, "type": "text"}],
@@ -84,6 +84,11 @@ def ludwig_config(config: TrialConfig) -> dict[str, Any]:
         "trainer": trainer,
         "preprocessing": {"global_max_sequence_length": config.data.max_length},
     }
+    # A format string is Ludwig's prompt.template over the prompt column; `chat` and chat rows
+    # have no Ludwig equivalent (the spec.yaml beside this file carries them).
+    if config.data.template not in ("plain", "chat"):
+        out["prompt"] = {"template": config.data.template.replace("{prompt}", "{" + config.data.prompt_field + "}")}
+    return out
 
 
 def one_trial_spec(config: TrialConfig, sweep: Sweep, name: str) -> dict[str, Any]:

@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from trials.config import DataConfig, ModelConfig
-from trials.data import DEFAULT_EVAL_FRACTION, pair_stats, read_pairs, read_texts
+from trials.data import DEFAULT_EVAL_FRACTION, pair_stats, read_rows, read_texts
+from trials.templates import chat_template_problem, needs_chat_template
 from trials.errors import TrialError
 
 WEIGHT_GLOBS = ("*.safetensors", "*.bin", "*.pt", "*.pth")
@@ -75,17 +76,23 @@ def check_data(data: DataConfig, tokenizer, *, workers: int, batch_size: int) ->
     """Read every data file of the sweep once; reports per file, and the problems found."""
     reports: list[DataReport] = []
     problems: list[str] = []
+    if tokenizer is not None and needs_chat_template(data.template, data.messages_field):
+        problem = chat_template_problem(tokenizer, getattr(tokenizer, "name_or_path", "the base model"),
+                                        data.messages_field)
+        if problem is not None:
+            problems.append(problem)
+            tokenizer = None  # the rows are still checked; tokens cannot be counted
     for role in ("train", "eval", "test"):
         path = getattr(data, role)
         if path is None:
             continue
         try:
-            pairs = read_pairs(path, data.prompt_field, data.response_field, role, split=getattr(data, f"{role}_split"),
-                               subset=data.subset)
+            rows = read_rows(path, role, data)
+            stats = (pair_stats(rows, tokenizer, data.max_length, data.template, data.system)
+                     if tokenizer is not None else {"examples": len(rows)})
         except TrialError as err:
             problems.append(str(err))
             continue
-        stats = pair_stats(pairs, tokenizer, data.max_length) if tokenizer is not None else {"examples": len(pairs)}
         report = DataReport(role, path, **stats)
         reports.append(report)
         if report.dropped is not None and report.dropped == report.examples:

@@ -241,6 +241,25 @@ class _Import:
         return None
 
 
+def _template(im: _Import, template: Any, data: dict[str, Any]) -> None:
+    """Ludwig's `prompt.template` names dataset columns in braces; one column becomes
+    data.prompt_field and the template a data.template format string around {prompt}."""
+    import string
+
+    try:
+        names = {f for _, f, _, _ in string.Formatter().parse(template) if f is not None} if isinstance(
+            template, str) else None
+    except ValueError:
+        names = None
+    if not names or len(names) != 1 or next(iter(names)).startswith("__"):
+        im.warn(f"prompt.template: peft-sweep formats one prompt field ({{column}} once); this template uses "
+                f"{sorted(names) if names else 'none'}, so the {im.fields[0]!r} field is used as the prompt as written")
+        return
+    column = next(iter(names))
+    data["prompt_field"] = column
+    data["template"] = template.replace("{" + column + "}", "{prompt}")
+
+
 def ludwig_to_spec(config: Any, *, train: str, eval: str | None = None, name: str = "ludwig", seed: int = 0,
                    count_train: Callable[[str, str], int] | None = None) -> tuple[dict[str, Any], list[str]]:
     """The spec and the warning lines; `count_train(prompt_field, response_field)` gives the number
@@ -263,7 +282,7 @@ def ludwig_to_spec(config: Any, *, train: str, eval: str | None = None, name: st
     im.ignored("preprocessing", pre, {"global_max_sequence_length"})
     prompt = config.get("prompt") or {}
     if "template" in prompt:
-        im.warn(f"prompt.template: no template support yet; the {im.fields[0]!r} field is used as the prompt as written")
+        _template(im, prompt["template"], data)
     im.ignored("prompt", prompt, {"template"})
     if config.get("quantization"):
         im.error("quantization: peft-sweep trains on an unquantized base (no QLoRA); remove it (LoftQ is "

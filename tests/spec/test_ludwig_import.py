@@ -195,14 +195,15 @@ def test_every_unmapped_key_is_one_warning(tmp_path, model_dir, data):
     config["adapter"]["bias_type"] = "none"
     config["input_features"].append({"name": "context", "type": "text"})
     config["output_features"][0]["decoder"] = {"type": "text_extractor"}
-    config["prompt"] = {"template": "Q: {instruction}\nA:"}
+    config["prompt"] = {"template": "Q: {instruction} {context}\nA:"}
     config["backend"] = {"type": "local"}
     spec, warnings = ludwig_to_spec(config, train="t.jsonl", count_train=lambda *_: 40)
     expected = [
         "backend: no peft-sweep equivalent; ignored",
         "input_features[1] (context): peft-sweep reads one prompt and one response field; ignored",
         "output_features[0].decoder: no peft-sweep equivalent; ignored",
-        "prompt.template: no template support yet; the 'instruction' field is used as the prompt as written",
+        ("prompt.template: peft-sweep formats one prompt field ({column} once); this template uses "
+         "['context', 'instruction'], so the 'instruction' field is used as the prompt as written"),
         "adapter.postprocessor: no peft-sweep equivalent; ignored",
         "adapter.bias_type: no peft-sweep equivalent; ignored",
         "trainer.optimizer.betas: no peft-sweep equivalent; ignored",
@@ -220,6 +221,15 @@ def test_every_unmapped_key_is_one_warning(tmp_path, model_dir, data):
     result, _ = import_cli(tmp_path, config, data)
     assert result.exit_code == 0, result.output
     assert "warning backend: no peft-sweep equivalent; ignored" in result.output
+
+
+def test_a_one_column_prompt_template_becomes_a_format_string(model_dir):
+    config = pissa(model_dir)
+    config["prompt"] = {"template": "### Instruction: {instruction}\n### Response:"}
+    spec, warnings = ludwig_to_spec(config, train="t.jsonl", count_train=lambda *_: 40)
+    assert spec["data"]["template"] == "### Instruction: {prompt}\n### Response:"
+    assert spec["data"]["prompt_field"] == "instruction"
+    assert not any(w.startswith("prompt.") for w in warnings), warnings
 
 
 def trial(model_dir: Path, data: tuple[Path, Path], adapter: dict, max_grad_norm: float = 0.7) -> TrialConfig:
@@ -258,12 +268,15 @@ def test_exported_best_yaml_imports_back_to_the_same_trial(tmp_path, model_dir, 
     assert plan.trials[0].trial.model_dump(exclude={"trial_id"}) == original.model_dump(exclude={"trial_id"})
 
 
-def test_round_trip_keeps_clipping_off_and_the_eval_settings(tmp_path, model_dir, data):
+def test_round_trip_keeps_clipping_off_the_eval_settings_and_the_prompt_format(tmp_path, model_dir, data):
     """No clipping is written as `clipglobalnorm: null` (Ludwig clips at 0.5 when the key is
-    absent); eval_every and eval_batches travel as steps_per_checkpoint and eval_steps."""
+    absent); eval_every and eval_batches travel as steps_per_checkpoint and eval_steps; a
+    format string as prompt.template over the prompt column."""
     original = trial(model_dir, data, {"type": "lora", "r": 4}, max_grad_norm=0.0)
+    original = original.model_copy(update={"data": original.data.model_copy(update={"template": "Q: {prompt}\nA:"})})
     best = yaml.safe_load(yaml.safe_dump(ludwig_config(original)))
     assert best["trainer"]["gradient_clipping"] == {"clipglobalnorm": None}
+    assert best["prompt"] == {"template": "Q: {instruction}\nA:"}
     spec, _ = ludwig_to_spec(copy.deepcopy(best), train=str(data[0]), eval=str(data[1]), name="best")
     (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
     (planned,) = make_plan(*load_spec(tmp_path / "spec.yaml")).trials

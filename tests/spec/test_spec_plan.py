@@ -168,6 +168,30 @@ def test_data_problems_are_plan_errors(tmp_path, model_dir, name, content, needl
     assert_user_error(plan_cli(path), *needles)
 
 
+@pytest.mark.parametrize(
+    ("data", "content", "needles"),
+    [
+        ({"template": "chat"}, TRAIN_ROWS, ["data.template: chat", "has none", "a format string"]),
+        ({"template": "### Q: {question}"}, TRAIN_ROWS, ["data.template", "format string with {prompt}"]),
+        ({"messages_field": "chat"}, '{"chat": [{"role": "robot", "content": "x"}]}\n',
+         ["train.jsonl line 1", "chat[0] has role 'robot'", "system, user, assistant", "data.messages_field: chat rows"]),
+    ],
+)
+def test_prompt_format_problems_are_plan_errors(tmp_path, model_dir, data, content, needles):
+    """`chat` on a tokenizer without a chat template, a format string without {prompt}, a
+    chat row with a role no template knows: one line, exit 2, at plan time."""
+    path = write_spec(tmp_path, model_dir, [{"type": "lora"}], data=data)
+    (tmp_path / "train.jsonl").write_text(content)
+    assert_user_error(plan_cli(path), *needles)
+
+
+def test_plan_counts_the_tokens_of_the_chosen_format(tmp_path, model_dir):
+    """The plan tokenizes the way the trial does: a format string adds its own characters."""
+    path = write_spec(tmp_path, model_dir, [{"type": "lora"}], data={"template": "Q: {prompt} A:"})
+    reports = {r["role"]: r for r in json.loads(plan_cli(path, "--json").output)["data"]}
+    assert reports["train"]["tokens"] == 40 * (14 + len("Q:  A:"))
+
+
 def test_a_model_folder_without_weights_is_refused_unless_config_only(tmp_path, model_dir):
     import shutil
 
