@@ -128,7 +128,9 @@ class TrainerConfig(Strict):
 
 class DeepSpeedConfig(Strict):
     zero_stage: Literal[0, 1, 2, 3] = 2
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="auto: bf16 on GPU, fp32 on CPU.")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="auto: bf16 on GPUs with native bf16 (compute capability >= 8.0), fp16 with loss "
+                            "scaling on older GPUs, fp32 on CPU.")
 
 
 class TrialConfig(Strict):

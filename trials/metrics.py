@@ -49,6 +49,7 @@ METRICS: dict[str, Metric] = {
     "wall_s": Metric("s", "minimize", "wall seconds of the whole trial"),
     "device_hours": Metric("device-h", "minimize", "wall_s x workers / 3600: the device time (GPUs, or CPU workers) the trial held"),
     "step": Metric("steps", "none", "optimizer steps done"),
+    "skipped_steps": Metric("steps", "none", "optimizer steps fp16 loss scaling skipped on overflow (0 in fp32/bf16)"),
     "early_stopped": Metric("bool", "none", "1 when a reporter stopped the trial before max_steps"),
 }
 

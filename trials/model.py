@@ -13,12 +13,18 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 
-def resolve_dtype(precision: str, cuda: bool) -> torch.dtype:
-    """The dtype the model is loaded and trained in; `auto` is bf16 on GPU, fp32 on CPU."""
+def resolve_dtype(precision: str, cuda: bool, bf16_supported: bool | None = None) -> torch.dtype:
+    """The dtype the model is loaded and trained in; `auto` is bf16 on a GPU that computes in
+    bf16 natively (compute capability 8.0 and up), fp16 with loss scaling on older GPUs (where
+    bf16 is emulated, several times slower), fp32 on CPU."""
     import torch
 
     if precision == "auto":
-        return torch.bfloat16 if cuda else torch.float32
+        if not cuda:
+            return torch.float32
+        if bf16_supported is None:
+            bf16_supported = torch.cuda.is_bf16_supported(including_emulation=False)
+        return torch.bfloat16 if bf16_supported else torch.float16
     if precision == "fp16" and not cuda:
         raise TrialError("deepspeed.precision=fp16 needs a CUDA GPU; use fp32 (or auto) on CPU")
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
@@ -55,13 +61,23 @@ def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
     return tok
 
 
-def load_model(cfg: ModelConfig, dtype: torch.dtype) -> PreTrainedModel:
+def placement(device: torch.device, zero_stage: int) -> dict:
+    """Where `from_pretrained` puts the weights. On a GPU under ZeRO 0-2 every rank holds the
+    whole base model anyway, so it is read from the files straight onto the rank's device:
+    eight ranks of a node then never hold eight full copies in host memory. Under ZeRO-3 the
+    weights stay on the host for DeepSpeed to partition; on CPU the host is the device."""
+    if device.type == "cuda" and zero_stage != 3:
+        return {"device_map": {"": device}}
+    return {}
+
+
+def load_model(cfg: ModelConfig, dtype: torch.dtype, where: dict | None = None) -> PreTrainedModel:
     from transformers import AutoModelForCausalLM
 
     try:
         model = AutoModelForCausalLM.from_pretrained(
             cfg.base_model, dtype=dtype, trust_remote_code=cfg.trust_remote_code, local_files_only=True,
-            attn_implementation=cfg.attn_implementation,
+            attn_implementation=cfg.attn_implementation, **(where or {}),
         )
     except (OSError, ValueError) as err:
         raise _not_found(cfg.base_model, err) from err

@@ -22,7 +22,7 @@ from trials.errors import TrialError
 from trials.evaluate import Evaluator, gather_records
 from trials.memory import PeakMemory
 from trials.metrics import NullReporter, Reporter
-from trials.model import count_params, load_model, load_tokenizer, resolve_dtype
+from trials.model import count_params, load_model, load_tokenizer, placement, resolve_dtype
 from trials.templates import needs_chat_template, turn_end_ids
 
 if TYPE_CHECKING:
@@ -220,7 +220,8 @@ class _Trial:
         splits = load_splits(cfg.data, tokenizer)  # bad data fails here, before the model loads
         log.info("data: %d train, %d eval, %d test examples", len(splits.train), len(splits.eval), len(splits.test))
         dtype = resolve_dtype(cfg.deepspeed.precision, self.world.device.type == "cuda")
-        model = load_model(cfg.model, dtype).to(self.world.device)
+        model = load_model(cfg.model, dtype, placement(self.world.device, cfg.deepspeed.zero_stage))
+        model = model.to(self.world.device)  # a no-op where placement loaded it there
         base_params = count_params(model)[1]
         if cfg.trainer.gradient_checkpointing:
             # The PEFT way: non-reentrant checkpointing (no need for every checkpointed input to
@@ -343,6 +344,8 @@ class _Trial:
             "train_loss": last_loss,
             "learning_rate": lr,
             "tokens_per_s": total_tokens / train_s,
+            # fp16's dynamic loss scaling skips the steps whose gradients overflow: trained, but no update
+            "skipped_steps": float(getattr(engine, "skipped_steps", 0) or 0),
             "s_per_step": train_s / step,
             "early_stopped": 1.0 if step < tc.max_steps else 0.0,
             "trainable_params": info["trainable_params"],
