@@ -77,7 +77,10 @@ def build_model(folder: Path, *, smoke: bool, device: str) -> int:
 
     from trials.tiny import build_tokenizer
 
+    tokenizer = build_tokenizer()
     config = AutoConfig.from_pretrained(CONFIG_8B)
+    config.update({"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+                   "pad_token_id": tokenizer.pad_token_id})  # the tokenizer's specials, not Llama's 128000s
     if smoke:
         config.update({"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
                        "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 512})
@@ -86,7 +89,7 @@ def build_model(folder: Path, *, smoke: bool, device: str) -> int:
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     params = sum(p.numel() for p in model.parameters())
     model.save_pretrained(folder)
-    build_tokenizer().save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
     del model
     if device == "cuda":
         torch.cuda.empty_cache()
