@@ -72,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         for cfg, out in zip(configs, _out_dirs(args.trials, configs, args.out)):
             try:
-                result = run_trial(cfg, out)
+                result = run_trial(cfg, out, keep_base_model=args.keep_base_model)
             except Exception as err:
                 if not args.keep_going:
                     raise
@@ -124,6 +124,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="Output directory (with several trials: one subdirectory per trial).")
     r.add_argument("--keep-going", action="store_true",
                    help="After a failed trial, record out/error.txt and run the next; exit nonzero at the end.")
+    r.add_argument("--keep-base-model", action="store_true",
+                   help="Keep the base model loaded between trials that use the same one (trials.resident).")
     b = sub.add_parser("build-tiny", help="Build the tiny pretrained Llama and its task (cached unless --out).")
     b.add_argument("--quick", action="store_true", help="A few training steps only (for tests).")
     b.add_argument("--out", type=Path, help="Build into this directory instead of the cache (always rebuilds).")

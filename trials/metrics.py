@@ -46,6 +46,8 @@ METRICS: dict[str, Metric] = {
     "adapter_bytes": Metric("bytes", "minimize", "size on disk of the saved adapter directory"),
     "train_s": Metric("s", "minimize", "wall seconds of the training loop (evaluation excluded)"),
     "setup_s": Metric("s", "minimize", "wall seconds from trial start to the first training step (model, data, DeepSpeed)"),
+    "base_model_load_s": Metric("s", "minimize", "wall seconds to have the base model on the device: read from disk, or on a kept worker the previous trial's adapter removed and the model checked (rank 0)"),
+    "base_model_reused": Metric("bool", "none", "1 when the base model was the one an earlier trial on the same workers kept loaded (resources.keep_base_model)"),
     "wall_s": Metric("s", "minimize", "wall seconds of the whole trial"),
     "device_hours": Metric("device-h", "minimize", "wall_s x workers / 3600: the device time (GPUs, or CPU workers) the trial held"),
     "step": Metric("steps", "none", "optimizer steps done"),

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from trials.config import ModelConfig
 from trials.errors import TrialError
@@ -71,6 +73,75 @@ def placement(device: torch.device, zero_stage: int) -> dict:
     return {}
 
 
+class PartitionedLoading:
+    """ZeRO-3 through transformers' DeepSpeed integration. While this is open, `from_pretrained`
+    builds the model inside `deepspeed.zero.Init` with the trial's DeepSpeed config: rank 0
+    reads the checkpoint, each rank keeps only its partition of every weight, so no rank holds
+    the whole model (a 70B model would need 140 GB of host memory per rank otherwise); and PEFT
+    gathers a partitioned weight where an initializer reads it (PiSSA's SVD). It stays open
+    for the whole trial and is closed after, so the next trial in the process starts clean."""
+
+    def __init__(self, ds_config: dict | None):
+        self._config = None
+        if ds_config is not None:
+            import deepspeed
+            import torch.distributed as dist
+            from transformers.integrations import HfDeepSpeedConfig
+
+            # zero.Init sizes the partitions by DeepSpeed's view of the process group, which
+            # deepspeed.initialize would only set up later.
+            deepspeed.init_distributed(dist_backend=dist.get_backend())
+
+            self._config = HfDeepSpeedConfig(ds_config)  # transformers keeps only a weak reference
+
+    @property
+    def active(self) -> bool:
+        return self._config is not None
+
+    def close(self) -> None:
+        if self._config is not None:
+            from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+            unset_hf_deepspeed_config()
+            self._config = None
+
+
+def is_partitioned(model: torch.nn.Module) -> bool:
+    return any(hasattr(p, "ds_id") for p in model.parameters())
+
+
+@contextmanager
+def gathered_forward(model: torch.nn.Module) -> Iterator[None]:
+    """Forwards of a partitioned model that has no DeepSpeed engine yet (an evaluation of the
+    base before wrapping): each module's own weights are gathered just around its forward and
+    partitioned again after it, so one module at a time is whole. Collective, like the
+    engine's forwards: every rank runs the same number of forwards."""
+    import deepspeed
+
+    open_: dict[int, Any] = {}
+
+    def gather(module, args):
+        params = [p for p in module.parameters(recurse=False) if hasattr(p, "ds_id")]
+        if params:
+            ctx = deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+            ctx.__enter__()
+            open_[id(module)] = ctx
+
+    def release(module, args, output):
+        ctx = open_.pop(id(module), None)
+        if ctx is not None:
+            ctx.__exit__(None, None, None)
+
+    handles = [h for m in model.modules() for h in (m.register_forward_pre_hook(gather), m.register_forward_hook(release))]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+        for ctx in open_.values():
+            ctx.__exit__(None, None, None)
+
+
 def load_model(cfg: ModelConfig, dtype: torch.dtype, where: dict | None = None) -> PreTrainedModel:
     from transformers import AutoModelForCausalLM
 
@@ -83,6 +154,27 @@ def load_model(cfg: ModelConfig, dtype: torch.dtype, where: dict | None = None) 
         raise _not_found(cfg.base_model, err) from err
     model.config.use_cache = False
     return model
+
+
+def set_checkpointing(model: PreTrainedModel, on: bool) -> None:
+    """Activation checkpointing, non-reentrant (so frozen layers and every adapter family work:
+    no checkpointed input needs to require grad), through whichever name this transformers has
+    (`activation_checkpointing_*` since 5.x; `gradient_checkpointing_*` before, then deprecated)."""
+    new = hasattr(model, "activation_checkpointing_enable")
+    if on:
+        kwargs = {"use_reentrant": False}
+        if new:
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    elif is_checkpointing(model):
+        model.activation_checkpointing_disable() if new else model.gradient_checkpointing_disable()
+
+
+def is_checkpointing(model: PreTrainedModel) -> bool:
+    if hasattr(type(model), "is_activation_checkpointing"):
+        return bool(model.is_activation_checkpointing)
+    return bool(getattr(model, "is_gradient_checkpointing", False))
 
 
 def count_params(model: torch.nn.Module) -> tuple[int, int]:

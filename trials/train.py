@@ -9,20 +9,41 @@ from __future__ import annotations
 import logging
 import math
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from trials import artifacts
+from trials import artifacts, resident
 from trials.adapters import Calibration, effective_values, family_of
 from trials.config import TrialConfig
 from trials.data import Example, calibration_examples, collate, eval_batches, load_splits, train_batches
-from trials.dist import AgreedFlag, World, all_max, all_sum, broadcast, current_world, ensure_process_group, import_deepspeed, same_on_all_ranks
+from trials.dist import (
+    AgreedFlag,
+    World,
+    all_sum,
+    broadcast,
+    current_world,
+    ensure_process_group,
+    import_deepspeed,
+    same_on_all_ranks,
+)
+from trials.engine_config import deepspeed_config, init_fingerprint, warmup_cosine
 from trials.errors import TrialError
 from trials.evaluate import Evaluator, gather_records
 from trials.memory import PeakMemory
 from trials.metrics import NullReporter, Reporter
-from trials.model import count_params, load_model, load_tokenizer, placement, resolve_dtype
+from trials.model import (
+    PartitionedLoading,
+    count_params,
+    gathered_forward,
+    is_checkpointing,
+    is_partitioned,
+    load_tokenizer,
+    placement,
+    resolve_dtype,
+    set_checkpointing,
+)
 from trials.templates import needs_chat_template, turn_end_ids
 
 if TYPE_CHECKING:
@@ -44,8 +65,11 @@ def check_runnable(cfg: TrialConfig) -> None:
                          f"{cfg.deepspeed.zero_stage}; use another deepspeed.zero_stage")
 
 
-def run_trial(cfg: TrialConfig, out_dir: str | Path, reporter: Reporter | None = None) -> dict[str, Any]:
-    """Run the trial on this rank; returns the final metrics (names from trials.metrics)."""
+def run_trial(cfg: TrialConfig, out_dir: str | Path, reporter: Reporter | None = None, *,
+              keep_base_model: bool = False) -> dict[str, Any]:
+    """Run the trial on this rank; returns the final metrics (names from trials.metrics).
+    `keep_base_model`: keep the base model loaded for the process's next trial, and take the
+    one an earlier trial kept when it is the same (trials.resident)."""
     started = time.perf_counter()
     check_runnable(cfg)
     import torch
@@ -57,78 +81,18 @@ def run_trial(cfg: TrialConfig, out_dir: str | Path, reporter: Reporter | None =
         world = current_world()
         # Seeding inside fork_rng keeps the caller's RNG streams untouched.
         with torch.random.fork_rng(devices=[world.device.index] if world.device.type == "cuda" else []):
-            trial = _Trial(cfg, Path(out_dir), reporter or NullReporter(), world, started)
+            trial = _Trial(cfg, Path(out_dir), reporter or NullReporter(), world, started, keep_base_model)
             try:
                 return trial.run()
+            except BaseException:
+                resident.drop()  # a model a failed trial left half-wrapped is never handed on
+                raise
             finally:
                 if trial.memory is not None:
                     trial.memory.stop()  # idempotent: a failed trial leaves no sampler thread behind
     finally:
         if created:
             dist.destroy_process_group()
-
-
-# ZeRO-1/2 allocate their gradient buckets up front at DeepSpeed's default 5e8 elements (1-4 GB
-# per GPU) whatever is trained; an adapter's gradients need a bucket its own size.
-MIN_BUCKET, MAX_BUCKET = 50_000_000, 500_000_000
-
-
-def bucket_size(trainable: int) -> int:
-    return int(min(MAX_BUCKET, max(trainable, MIN_BUCKET)))
-
-
-def deepspeed_config(cfg: TrialConfig, world_size: int, dtype: torch.dtype, trainable: int = MAX_BUCKET) -> dict[str, Any]:
-    import torch
-
-    tc = cfg.trainer
-    zero: dict[str, Any] = {"stage": cfg.deepspeed.zero_stage}
-    if cfg.deepspeed.zero_stage in (1, 2):
-        zero.update(reduce_bucket_size=bucket_size(trainable), allgather_bucket_size=bucket_size(trainable))
-    return {
-        "train_micro_batch_size_per_gpu": tc.batch_size,
-        "gradient_accumulation_steps": tc.gradient_accumulation_steps,
-        "train_batch_size": tc.batch_size * tc.gradient_accumulation_steps * world_size,
-        "gradient_clipping": tc.max_grad_norm,
-        "zero_optimization": zero,
-        "bf16": {"enabled": dtype == torch.bfloat16},
-        # Gradients accumulate (and are reduced) in fp32 under bf16: DeepSpeed's bf16 mode
-        # casts the adapter to bf16 for compute and keeps fp32 master weights in the optimizer;
-        # accumulating in bf16 would lose the small updates OFT/HRA chains make.
-        **({"data_types": {"grad_accum_dtype": "fp32"}} if dtype == torch.bfloat16 else {}),
-        "fp16": {"enabled": dtype == torch.float16},
-        "steps_per_print": 2**31 - 1,
-        "wall_clock_breakdown": False,
-    }
-
-
-def warmup_cosine(max_steps: int, warmup_ratio: float):
-    """LR multiplier: linear warmup over warmup_ratio * max_steps, then cosine to 0."""
-    warmup = int(warmup_ratio * max_steps)
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = (step - warmup) / max(1, max_steps - warmup)
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-    return factor
-
-
-def _init_fingerprint(model: torch.nn.Module, adapter_params: list[torch.nn.Parameter]) -> list[float]:
-    """Sum and sum of squares of what wrapping created or may have rewritten: the adapter's
-    own parameters and the weights of the layers it wraps (PiSSA/CorDA rewrite those)."""
-    import torch
-
-    params = {id(p): p for p in adapter_params}
-    for module in model.modules():
-        if hasattr(module, "base_layer"):
-            params.update((id(p), p) for p in module.parameters())
-    total = torch.zeros(2, dtype=torch.float64, device=next(iter(params.values())).device)
-    with torch.no_grad():
-        for p in params.values():
-            t = p.detach().to(torch.float64)
-            total += torch.stack([t.sum(), (t * t).sum()])
-    return total.tolist()
 
 
 @dataclass
@@ -138,6 +102,7 @@ class _Trial:
     reporter: Reporter
     world: World
     started: float
+    keep_base_model: bool = False
     evals: list[dict[str, Any]] = field(default_factory=list)
     steps: list[dict[str, float]] = field(default_factory=list)
     # Set while preparing:
@@ -165,12 +130,24 @@ class _Trial:
         return {k: v.pin_memory().to(self.world.device, non_blocking=True) for k, v in batch.items()}
 
     def run(self) -> dict[str, Any]:
-        cfg, family = self.cfg, family_of(self.cfg.adapter)
+        cfg = self.cfg
         self.memory = PeakMemory(self.world.device).start()
         if self.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             cfg.dump(self.out / "trial.json")
-        model, splits, dtype, info = self._prepare()
+        dtype = resolve_dtype(cfg.deepspeed.precision, self.world.device.type == "cuda")
+        # Partitioned at load under ZeRO-3, unless the family's wrap needs the base whole (its
+        # weights are then partitioned by deepspeed.initialize, as at ZeRO 0-2 they stay whole).
+        partition = cfg.deepspeed.zero_stage == 3 and family_of(cfg.adapter).wraps_partitioned(cfg.adapter)
+        zero3 = PartitionedLoading(deepspeed_config(cfg, self.world.size, dtype) if partition else None)
+        try:
+            return self._run(zero3, dtype)
+        finally:
+            zero3.close()
+
+    def _run(self, zero3: PartitionedLoading, dtype) -> dict[str, Any]:
+        cfg, family = self.cfg, family_of(self.cfg.adapter)
+        model, splits, info = self._prepare(zero3, dtype)
         self.reporter.on_setup(info)
         engine = self._engine(model, dtype)
         # What DeepSpeed actually built, read back from the engine (not the config we asked for).
@@ -189,8 +166,11 @@ class _Trial:
                                    initial=self.initial, is_main=self.is_main)
         finally:
             engine.destroy()
-        # The largest rank's peak of this trial alone (see trials.memory).
-        peak = all_max([self.memory.stop()], self.world.device)[0]
+        resident.give_back(engine.module)
+        # This trial's own peak (see trials.memory) of every rank; the largest is the metric.
+        mine, rank = self.memory.stop(), self.world.rank
+        per_rank = all_sum([mine if r == rank else 0.0 for r in range(self.world.size)], self.world.device)
+        peak = max(per_rank)
         if self.is_main:
             result["adapter_bytes"] = artifacts.dir_bytes(self.out / artifacts.ADAPTER_DIR)
             result["peak_memory_mb"] = peak
@@ -204,14 +184,16 @@ class _Trial:
                 "evals": self.evals,
                 "steps": self.steps,
                 "setup": info,
+                "peak_memory_mb_per_rank": per_rank,
                 "versions": artifacts.versions(),
             })
         result = broadcast(result)
         self.reporter.on_end(result, str(self.out))
         return result
 
-    def _prepare(self):
+    def _prepare(self, zero3: PartitionedLoading, dtype):
         """Data, base model, adapter: everything before DeepSpeed, with the static facts."""
+        import deepspeed
         import torch
 
         cfg, family, f = self.cfg, family_of(self.cfg.adapter), self.cfg.adapter
@@ -219,16 +201,19 @@ class _Trial:
         self.pad_id = tokenizer.pad_token_id
         splits = load_splits(cfg.data, tokenizer)  # bad data fails here, before the model loads
         log.info("data: %d train, %d eval, %d test examples", len(splits.train), len(splits.eval), len(splits.test))
-        dtype = resolve_dtype(cfg.deepspeed.precision, self.world.device.type == "cuda")
-        model = load_model(cfg.model, dtype, placement(self.world.device, cfg.deepspeed.zero_stage))
-        model = model.to(self.world.device)  # a no-op where placement loaded it there
+        # ZeRO-3 loads partitioned (model.PartitionedLoading): there is no whole model to keep.
+        loaded = resident.acquire(cfg.model, dtype, self.world.device,
+                                  placement(self.world.device, cfg.deepspeed.zero_stage),
+                                  keep=self.keep_base_model and not zero3.active)
+        model = loaded.model
+        partitioned = is_partitioned(model)
         base_params = count_params(model)[1]
         if cfg.trainer.gradient_checkpointing:
-            # The PEFT way: non-reentrant checkpointing (no need for every checkpointed input to
-            # require grad, so frozen layers and every adapter family work), and embedding outputs
-            # that require grad, which reentrant code paths in some models still expect.
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            # The PEFT way: non-reentrant checkpointing, and embedding outputs that require grad,
+            # which reentrant code paths in some models still expect.
+            set_checkpointing(model, True)
             model.enable_input_require_grads()
+        checkpointing = is_checkpointing(model)
         self.evaluator = Evaluator(cfg.evaluation, tokenizer, self.world.device,
                                    synced_generation=cfg.deepspeed.zero_stage == 3 and self.world.size > 1,
                                    stop_ids=tuple(turn_end_ids(tokenizer)) if needs_chat_template(
@@ -237,8 +222,11 @@ class _Trial:
             # The base model itself, before any adapter exists: for PiSSA-like inits, which
             # rewrite base weights, "adapter disabled" after wrapping is not the base any more.
             model.eval()
-            self.forgetting_before = self.evaluator.loss(model, self._shard(splits.forgetting))
+            with gathered_forward(model) if partitioned else nullcontext():
+                self.forgetting_before = self.evaluator.loss(model, self._shard(splits.forgetting))
         base_ids = {id(p) for p in model.parameters()}
+        if resident.holds(model):
+            resident.protect(model, family.rewritten_modules(model, f))
 
         # Random and data-dependent inits must agree on every rank (ZeRO-3 keeps each rank's
         # own copy of its partition, nothing re-broadcasts it): same seed, same calibration.
@@ -246,12 +234,17 @@ class _Trial:
         calibration = None
         if family.needs_calibration(f):
             chosen = calibration_examples(splits.train, family.calibration_size(f), cfg.seed)
-            calibration = Calibration([self.to_device(self._inputs([e])) for e in chosen])
+            # Partitioned, the calibration forwards (and the SVDs after them) need every weight
+            # whole: gathered on every rank for the calibration only, then partitioned again.
+            whole = ((lambda: deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None))
+                     if partitioned else None)
+            calibration = Calibration([self.to_device(self._inputs([e])) for e in chosen], **(
+                {"whole_model": whole} if whole else {}))
         log.info("model loaded; wrapping with %s", family.variant(f))
         model = family.wrap(model, f, calibration)
         # What PEFT added: under ZeRO-3 exactly these are gathered to save the adapter.
         self.adapter_params = [p for p in model.parameters() if id(p) not in base_ids]
-        if not same_on_all_ranks(_init_fingerprint(model, self.adapter_params), self.world.device):
+        if not same_on_all_ranks(init_fingerprint(model, self.adapter_params), self.world.device):
             raise RuntimeError(f"the {family.variant(f)} adapter initialized differently on different workers; "
                                "its initialization must be seeded and calibrated identically on every rank")
         self.initial = self.out / artifacts.INITIAL_ADAPTER_DIR if family.changes_base_weights(f) else None
@@ -273,9 +266,12 @@ class _Trial:
             "train_examples": len(splits.train),
             "eval_examples": len(splits.eval),
             "test_examples": len(splits.test),
-            "gradient_checkpointing": bool(getattr(model, "is_gradient_checkpointing", False)),
+            "gradient_checkpointing": checkpointing,
+            "base_model_load_s": loaded.load_s,
+            "base_model_reused": loaded.reused,
+            "loaded_partitioned": partitioned,
         }
-        return model, splits, dtype, info
+        return model, splits, info
 
     def _inputs(self, batch: list[Example]) -> dict[str, torch.Tensor]:
         b = collate(batch, self.pad_id)
@@ -352,6 +348,8 @@ class _Trial:
             "total_params": info["total_params"],
             "trainable_percent": info["trainable_percent"],
             "setup_s": setup_s,
+            "base_model_load_s": info["base_model_load_s"],
+            "base_model_reused": 1.0 if info["base_model_reused"] else 0.0,
             "train_s": train_s,
         }
 

@@ -48,6 +48,7 @@ class LaunchContext:
     decision_board: str | None = None  # early stopping: where the scheduler's decisions are posted
     trial_fn_resources: dict[str, float] = field(default_factory=lambda: dict(TRIAL_FN_RESOURCES))
     reuse_workers: bool = True  # sweep.launch.gang: keep each trial's workers for the next trial
+    keep_base_model: bool = True  # trials.resident: kept workers keep the base model loaded too
     forwarded: list[str] = field(default_factory=list)  # names the workers read from sweep.launch.forwarding
     collective_timeout_s: float = 1800.0  # torch.distributed's timeout in a kept gang
     metric: str = "eval_loss"  # what Tune ranks by: a report without it is not sent (Tune refuses it)

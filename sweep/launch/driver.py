@@ -75,6 +75,7 @@ def build_context(spec, plan, *, tracking_uri: str, experiment_id: str, parent_r
         trials={t.trial.trial_id: t.trial for t in plan.trials},
         worker_env=worker_env(spec),
         reuse_workers=spec.resources.reuse_workers,
+        keep_base_model=spec.resources.keep_base_model,
         collective_timeout_s=spec.resources.collective_timeout_s,
         metric=spec.metric.name,
     )

@@ -96,6 +96,8 @@ def worker_config(ctx: LaunchContext, cfg: TrialConfig, *, tune_trial_id: str, a
             "trial_node_id": ray.get_runtime_context().get_node_id(),
             "fn_started": fn_started,
             "reuse_workers": ctx.reuse_workers,
+            # A Ray Train worker lives for one trial: nothing to keep a model for.
+            "keep_base_model": ctx.reuse_workers and ctx.keep_base_model,
             "forwarded": list(ctx.forwarded),
             "metric": ctx.metric,
         },

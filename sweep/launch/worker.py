@@ -122,7 +122,8 @@ def run_worker(config: dict[str, Any], rank: int, report) -> None:
         run_trial(cfg, out, Fanout(mlflow_reporter, RayReporter(report, cfg.trainer.max_steps,
                                                                 config["run"].get("decision_board"),
                                                                 config["run"]["tune_trial_id"],
-                                                                config["run"].get("metric", "eval_loss"))))
+                                                                config["run"].get("metric", "eval_loss"))),
+                  keep_base_model=bool(config["run"].get("keep_base_model")))
     finally:
         mlflow_reporter.close()
         shutil.rmtree(out, ignore_errors=True)

@@ -7,7 +7,7 @@ parameters, base weights included):
 - base weights: base params x dtype bytes;
 - the adapter: its weights in the trial dtype, an fp32 master copy under bf16/fp16, gradients
   (fp32), AdamW's two fp32 moments;
-- ZeRO-1/2 gradient buckets (`trials.train.bucket_size` elements, fp32);
+- ZeRO-1/2 gradient buckets (`trials.engine_config.bucket_size` elements, fp32);
 - activations: Korthikanti et al. (2022)'s 34 x hidden bytes per token per layer at 16 bits
   (SDPA keeps no attention-score matrix, so no s^2 term), twice that at fp32; with gradient
   checkpointing only each layer's input (2 x hidden bytes) plus one full layer;
@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from trials.config import TrialConfig
-from trials.train import bucket_size
+from trials.engine_config import bucket_size
 
 MiB = 2**20
 ACTIVATION_BYTES_PER_TOKEN_LAYER = 34  # x hidden, at 16-bit activations

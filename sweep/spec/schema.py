@@ -207,6 +207,10 @@ class ResourcesSpec(Strict):
     reuse_workers: bool = Field(
         True, description="Keep each trial's worker processes (and their process group and imports) for the next "
                           "trial; false starts a fresh Ray Train run per trial (full isolation, ~17 s more per trial).")
+    keep_base_model: bool = Field(
+        True, description="On kept workers, keep the base model loaded for the next trial that uses the same one "
+                          "(same dtype and attention implementation, ZeRO 0-2): the adapter is removed and any base "
+                          "weights its initializer rewrote are restored, instead of reading the model again.")
     gpu_memory_gb: float | None = Field(None, gt=0, description="Memory of one GPU, for the plan's fits/does-not-fit "
                                                              "verdict (unknown when unset).")
     gpu_peak_tflops: float = Field(989.0, gt=0, description="Dense bf16 peak of one GPU for the device-hour estimate "

@@ -4,6 +4,7 @@ gang is discarded so the next trial starts on new processes."""
 
 from __future__ import annotations
 
+import shutil
 import time
 import uuid
 
@@ -22,10 +23,8 @@ from sweep.tracking import layout, runs
 pytestmark = pytest.mark.slow  # a Ray head, an mlflow server, DeepSpeed workers
 
 
-@pytest.fixture()
-def planned(tmp_path, tiny_model, mlflow_server):
-    spec_path = write_spec(tmp_path, f"gang-{uuid.uuid4().hex[:6]}", tiny_model, mlflow_server.uri,
-                           [{"type": "lora", "r": [4, 8], "target_modules": ["q_proj", "v_proj"]}])
+def _plan(tmp_path, tiny_model, mlflow_server, adapters: list[dict]):
+    spec_path = write_spec(tmp_path, f"gang-{uuid.uuid4().hex[:6]}", tiny_model, mlflow_server.uri, adapters)
     spec, spec_dir = load_spec(spec_path)
     plan = make_plan(spec, spec_dir)
     client = MlflowClient(mlflow_server.uri)
@@ -34,7 +33,12 @@ def planned(tmp_path, tiny_model, mlflow_server):
     ctx = LaunchContext(sweep=spec.name, tracking_uri=mlflow_server.uri, experiment_id=exp, parent_run_id=parent,
                         strategy="grid", workers=2, cpus_per_worker=1, gpus_per_worker=0,
                         train_storage=str(tmp_path), inputs=plan.expansion.inputs, worker_env=worker_env(spec))
-    yield ctx, [t.trial for t in plan.trials], client
+    return ctx, [t.trial for t in plan.trials], client
+
+
+@pytest.fixture()
+def planned(tmp_path, tiny_model, mlflow_server):
+    yield _plan(tmp_path, tiny_model, mlflow_server, [{"type": "lora", "r": [4, 8], "target_modules": ["q_proj", "v_proj"]}])
     gang.discard()  # never leave the head's CPUs held for the next test
 
 
@@ -82,6 +86,55 @@ def test_a_failed_trial_takes_its_gang_down_and_the_next_starts_fresh(ray_driver
     dashboard = ray_driver.dashboard
     assert set(finished[0].split(",")) == _actor_pids(fresh, dashboard)
     assert not _actor_pids(failed, dashboard) & _actor_pids(fresh, dashboard)  # new processes
+
+
+# The families whose undoing differs: LoRA (adapter only), PiSSA (SVD-rewritten base weights),
+# CorDA (covariance-rewritten, from calibration forwards on the kept model), OFT, LN tuning
+# (copies of the norms). Dropout 0, so every trial is deterministic.
+KEPT_SEQUENCE = [
+    {"type": "lora", "r": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]},
+    {"type": "lora", "r": 8, "alpha": 8, "init_lora_weights": "pissa", "dropout": 0.0},
+    {"type": "lora", "r": 8, "alpha": 8, "init_lora_weights": "corda", "target_modules": ["q_proj", "v_proj"],
+     "corda_samples": 8, "dropout": 0.0},
+    {"type": "oft", "oft_block_size": 16},
+    {"type": "ln_tuning"},
+]
+
+
+def _final(ctx, cfg) -> dict:
+    reports: list[dict] = []
+    _run(ctx, cfg, reports)
+    (final,) = [r for r in reports if "base_model_reused" in r]
+    return final
+
+
+def test_kept_workers_keep_the_base_model_and_train_the_same(ray_driver, tmp_path, tiny_model, mlflow_server):
+    """One gang runs the five families in sequence twice: keeping the base model loaded (each
+    trial after the first takes the previous trial's model, adapter removed and rewritten
+    weights restored) and reading it for every trial. Every trial ends at the same eval loss
+    both ways; another dtype or another base model is read fresh."""
+    ctx, trials, _ = _plan(tmp_path, tiny_model, mlflow_server, KEPT_SEQUENCE)
+    assert [t.adapter.type for t in trials] == ["lora", "lora", "lora", "oft", "ln_tuning"]
+    try:
+        kept = [_final(ctx, cfg) for cfg in trials]
+        ctx.keep_base_model = False
+        fresh = [_final(ctx, cfg) for cfg in trials]
+        assert [r["base_model_reused"] for r in kept] == [0, 1, 1, 1, 1]
+        assert [r["base_model_reused"] for r in fresh] == [0] * 5
+        for cfg, k, f in zip(trials, kept, fresh):
+            assert k["eval_loss"] == pytest.approx(f["eval_loss"], abs=1e-6), cfg.trial_id
+            assert k["eval_loss"] < k["eval_loss_before"]
+
+        ctx.keep_base_model = True
+        lora = trials[0]
+        bf16 = lora.model_copy(update={"deepspeed": lora.deepspeed.model_copy(update={"precision": "bf16"})})
+        other = tmp_path / "same-weights-elsewhere"
+        shutil.copytree(tiny_model, other)
+        moved = lora.model_copy(update={"model": lora.model.model_copy(update={"base_model": str(other)})})
+        reused = [_final(ctx, cfg)["base_model_reused"] for cfg in (lora, lora, bf16, bf16, moved, moved)]
+        assert reused == [0, 1, 0, 1, 0, 1]
+    finally:
+        gang.discard()
 
 
 def _actor_pids(g: gang.Gang, dashboard: str) -> set[str]:

@@ -296,9 +296,28 @@ def test_every_zero_stage_trained_on_two_workers(variant_runs):
             assert e["reduce_bucket_size"] == e["allgather_bucket_size"] == 50_000_000, (n, e)
 
 
+@pytest.mark.slow
+def test_zero3_loads_partitioned_and_sees_the_same_base(variant_runs):
+    """Under ZeRO-3 the base is loaded partitioned (every family whose wrap works on partitions)
+    and its loss on the forgetting text, run module by module with each module's weights
+    gathered, is the whole model's: every variant, at every stage, measures the same base."""
+    from trials.adapters import family_of
+    from trials.config import TrialConfig
+
+    records = {n: json.loads((variant_runs / n / "metrics.json").read_text()) for n in VARIANTS}
+    for n, (adapter, stage, _) in VARIANTS.items():
+        f = TrialConfig.model_validate(trial(Path("/m"), adapter)).adapter
+        expected = stage == 3 and family_of(f).wraps_partitioned(f)
+        assert records[n]["setup"]["loaded_partitioned"] is expected, n
+    assert sum(r["setup"]["loaded_partitioned"] for r in records.values()) >= 3
+    whole = records["lora"]["metrics"]["forgetting_before"]
+    for n, r in records.items():
+        assert r["metrics"]["forgetting_before"] == pytest.approx(whole, abs=1e-6), n
+
+
 def test_bucket_size_follows_the_trainable_count():
     from trials.config import TrialConfig
-    from trials.train import bucket_size, deepspeed_config
+    from trials.engine_config import bucket_size, deepspeed_config
 
     assert bucket_size(14_336) == 50_000_000 and bucket_size(80_000_000) == 80_000_000
     assert bucket_size(8_000_000_000) == 500_000_000  # a full fine-tune keeps DeepSpeed's default

@@ -7,6 +7,8 @@ export, and a short description for the comparison table.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
@@ -60,6 +62,9 @@ class Calibration:
     """Batch-size-1 calibration batches, for families whose initialization reads data."""
 
     batches: list[dict[str, torch.Tensor]]
+    # Entered around everything that reads the base model whole (the forwards and what is
+    # computed from the weights after them): under ZeRO-3, a gather of the partitioned weights.
+    whole_model: Callable[[], AbstractContextManager] = nullcontext
 
 
 def common_dim(targets: list[TargetShape]) -> int:
@@ -130,6 +135,10 @@ class AdapterFamily:
         """True when initialization rewrites base weights, so a portable save needs conversion."""
         return False
 
+    def rewritten_modules(self, model: torch.nn.Module, f: FamilyFields) -> list[str]:
+        """Modules whose base weights wrapping rewrites (a kept base model restores them)."""
+        return []
+
     def wrap(self, model: torch.nn.Module, f: FamilyFields, calibration: Calibration | None) -> PeftModel:
         from peft import get_peft_model
 
@@ -142,6 +151,11 @@ class AdapterFamily:
         """How many batch-size-1 calibration examples `wrap` wants (when it needs calibration)."""
         return 0
 
+    def wraps_partitioned(self, f: FamilyFields) -> bool:
+        """Whether wrapping works on a base loaded partitioned under ZeRO-3 (model.PartitionedLoading);
+        False loads it whole and lets deepspeed.initialize partition it."""
+        return True
+
     def supports_zero_stage(self, f: FamilyFields, stage: int) -> bool:
         """Whether the trial can train under this DeepSpeed ZeRO stage."""
         return True
@@ -151,6 +165,18 @@ class AdapterFamily:
         out: dict[str, Any] = {"type": self.name}
         out.update({k: v for k, v in f.model_dump(exclude={"type"}).items() if v is not None})
         return out
+
+
+def wrapped_module_names(model: torch.nn.Module, config: PeftConfig) -> list[str]:
+    """The modules PEFT wraps for `config`, by PEFT's own matching (architecture defaults,
+    regexes, layer patterns): wrap with empty (meta-device) adapter weights, read, unwrap. No
+    memory, no random numbers drawn, the model as it was (apart from `requires_grad`)."""
+    from peft import get_peft_model
+
+    probe = get_peft_model(model, config, low_cpu_mem_usage=True)
+    names = [n.removeprefix("base_model.model.") for n, m in probe.named_modules() if hasattr(m, "base_layer")]
+    probe.unload()
+    return names
 
 
 def effective_values(peft_model: torch.nn.Module, attrs: tuple[str, ...]) -> dict[str, dict[str, Any]]:

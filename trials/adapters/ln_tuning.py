@@ -16,6 +16,11 @@ class LnTuning(AdapterFamily):
     best_for = "Nudging an already instruction-tuned model toward a new domain on a tiny parameter budget"
     approx_extra_params = "<0.1%"
 
+    def wraps_partitioned(self, f: LnTuningFields) -> bool:
+        # PEFT deep-copies each norm, and a copy of a partitioned weight keeps its DeepSpeed
+        # identity: the engine then meets two parameters with one id and refuses.
+        return False
+
     def peft_config(self, f: LnTuningFields, *, for_count: bool = False):
         from peft import LNTuningConfig
 

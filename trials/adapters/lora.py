@@ -5,7 +5,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator
 
-from trials.adapters.base import AdapterFamily, Calibration, FamilyFields, Issue, PlanContext, TargetShape
+from trials.adapters.base import AdapterFamily, Calibration, FamilyFields, Issue, PlanContext, TargetShape, wrapped_module_names
 
 _INITS = ("default", "gaussian", "pissa", "corda", "loftq", "olora")
 _PISSA_NITER = re.compile(r"pissa_niter_[1-9][0-9]*")
@@ -171,6 +171,12 @@ class Lora(AdapterFamily):
     def changes_base_weights(self, f: LoraFields) -> bool:
         return _init_kind(f.init_lora_weights) in ("pissa", "corda", "olora")
 
+    def rewritten_modules(self, model, f: LoraFields) -> list[str]:
+        # LoftQ too: it replaces W by its dequantized quantization (residual of the adapter).
+        if _init_kind(f.init_lora_weights) not in ("pissa", "corda", "olora", "loftq"):
+            return []
+        return wrapped_module_names(model, self.peft_config(f, for_count=True))
+
     def needs_calibration(self, f: LoraFields) -> bool:
         return f.init_lora_weights == "corda"
 
@@ -194,7 +200,8 @@ class Lora(AdapterFamily):
                     for batch in calibration.batches:
                         model(**batch)
 
-            preprocess_corda(model, config, run_model=run_model)
+            with calibration.whole_model():
+                preprocess_corda(model, config, run_model=run_model)
         return get_peft_model(model, config)
 
     def ludwig(self, f: LoraFields) -> dict[str, Any]:

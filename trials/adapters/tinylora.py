@@ -23,6 +23,10 @@ class Tinylora(AdapterFamily):
     effective_attrs = ("r", "u")
     key_fields = ("r", "u")
 
+    def wraps_partitioned(self, f: TinyloraFields) -> bool:
+        # PEFT 0.21 takes each weight's SVD without gathering it, so a partition (empty) fails.
+        return False
+
     def peft_config(self, f: TinyloraFields, *, for_count: bool = False):
         from peft import TinyLoraConfig
 
