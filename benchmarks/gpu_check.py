@@ -13,7 +13,8 @@
    estimate; the dtypes DeepSpeed computes and accumulates in and the adapter's.
 2. **A 2-trial `sweep run`** on the tiny model with `gpus_per_worker: 1` (NCCL, bf16, one
    worker kept across both trials): the second trial, at a smaller batch, must report a
-   smaller peak than the first (peaks are per trial, not per process).
+   smaller peak than the first (peaks are per trial, not per process), and must have taken
+   the base model the first trial kept loaded (`resources.keep_base_model`).
 3. **LoftQ**, when bitsandbytes is installed: one `lora+loftq` trial.
 
 Every fact checked is under `checks` in the JSON (true/false); the exit code is 1 when one
@@ -192,7 +193,10 @@ def two_trial_sweep(root: Path, gpu: bool) -> tuple[dict[str, Any], dict[str, bo
     ordered = sorted(runs, key=lambda r: r.info.start_time)
     batches = [int(float(r.data.params.get("trainer.batch_size", 0))) for r in ordered]
     peaks = [r.data.metrics.get("peak_memory_mb") for r in ordered]
+    reused = [r.data.metrics.get("base_model_reused") for r in ordered]
     result = {"wall_s": round(wall, 1), "batches_in_run_order": batches, "peaks_in_run_order": peaks,
+              "base_model_reused_in_run_order": reused,
+              "base_model_load_s_in_run_order": [r.data.metrics.get("base_model_load_s") for r in ordered],
               "statuses": [r.info.status for r in ordered],
               "workers": sorted({r.data.tags.get("peft_sweep.workers", "") for r in runs}),
               "tail": run.stdout.splitlines()[-3:]}
@@ -201,6 +205,7 @@ def two_trial_sweep(root: Path, gpu: bool) -> tuple[dict[str, Any], dict[str, bo
         "sweep: both trials finished": len(runs) == 2 and all(r.info.status == "FINISHED" for r in runs),
         "sweep: peak memory is per trial (batch 2 after batch 32 reports less)": (
             batches == [32, 2] and None not in peaks and peaks[1] < peaks[0]),
+        "sweep: the second trial took the base model the first kept on the GPU": reused == [0.0, 1.0],
     }
     return result, checks
 

@@ -8,13 +8,16 @@
    processes (`torchrun -m trials run`, as on a kept gang), with `--keep-base-model` and
    without, alternated `--repeat` times. Per trial after the first (the first always reads
    the model): `setup_s` and `base_model_load_s`, and the ratio kept / read each time.
-2. **Kept base model, a 216M-parameter Llama** with random fp32 weights built here from a
-   config (hidden 1024, 12 layers; 0.86 GB on disk): three LoRA trials, the same comparison,
-   where reading the model is a real share of the set-up.
-3. **ZeRO-2 vs ZeRO-3 peak memory per rank** on that model: one LoRA trial at each stage on
-   2 workers, each rank's own peak resident set (trials.memory). Under ZeRO-3 the model is
-   built partitioned (transformers' DeepSpeed integration): rank 0 reads the checkpoint and
-   hands each rank its share, so the other ranks should be about half a model lighter.
+2. **Kept base model, a 207M-parameter Llama** with random fp32 weights built here from a
+   config (hidden 1024, 12 layers; 0.79 GiB on disk): three LoRA trials, the same comparison,
+   (on CPU a warm page cache makes reading a lazy memory map: see the README).
+3. **ZeRO-2 vs ZeRO-3 memory per rank** on that model: one LoRA trial at each stage on 2
+   workers. Per rank: the base-weight bytes it holds after loading (under ZeRO-3 its
+   partition: half the model here), its resident set after loading and its peak while
+   loading and over the trial (trials.memory). On CPU a whole load of a same-dtype
+   safetensors checkpoint is a lazy memory map of the page cache, shared by the ranks and
+   only counted once touched, so the resident set does not show what a GPU run saves (there
+   DeepSpeed's ZeRO-3 engine first moves an unpartitioned model whole onto the device).
 """
 
 from __future__ import annotations
@@ -40,13 +43,14 @@ def run_all(trials: list[dict], folder: Path, keep: bool, tag: str) -> list[dict
     paths = []
     for i, cfg in enumerate(trials):
         path = folder / f"{tag}-{i}.json"
-        path.write_text(json.dumps(cfg))
+        path.write_text(json.dumps({**cfg, "trial_id": ""}))  # out/<file stem> for each trial
         paths.append(str(path))
     out = folder / f"out-{tag}-{'kept' if keep else 'read'}"
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "trials", "run",
                     *paths, "--out", str(out), *(["--keep-base-model"] if keep else [])],
                    check=True, capture_output=True, cwd=ROOT, timeout=1800)
-    return [json.loads((out / Path(p).stem / "metrics.json").read_text()) for p in paths]
+    dirs = [out] if len(paths) == 1 else [out / Path(p).stem for p in paths]
+    return [json.loads((d / "metrics.json").read_text()) for d in dirs]
 
 
 def short(cfg: dict, steps: int = 2) -> dict:
@@ -122,17 +126,19 @@ def zero_memory(model: Path, params: int, folder: Path) -> dict:
     for stage in (2, 3):
         (record,) = run_all([medium_trial(model, stage, 8)], folder, False, f"zero{stage}")
         out[f"zero{stage}"] = {"peak_mb_per_rank": record["peak_memory_mb_per_rank"],
+                               **{f"loading_{k}_mb_per_rank": v for k, v in record["loading_mb_per_rank"].items()},
                                "loaded_partitioned": record["setup"]["loaded_partitioned"]}
-    for rank in (0, 1):
-        saved = out["zero2"]["peak_mb_per_rank"][rank] - out["zero3"]["peak_mb_per_rank"][rank]
-        # What ZeRO-3 saves on this rank, as a share of the model: 1 - 1/world_size = 0.5 when
-        # the rank holds only its partition.
-        out[f"rank{rank}_saved_share_of_weights"] = saved / weights_mb
-    z2, z3 = out["zero2"]["peak_mb_per_rank"], out["zero3"]["peak_mb_per_rank"]
-    print(f"ZeRO-2 vs ZeRO-3 peak RSS per rank, {params / 1e6:.0f}M params ({weights_mb:.0f} MiB fp32), 2 workers: "
-          f"rank 0 {z2[0]:.0f} vs {z3[0]:.0f} MiB, rank 1 {z2[1]:.0f} vs {z3[1]:.0f} MiB; saved "
-          f"{out['rank0_saved_share_of_weights']:.2f} and {out['rank1_saved_share_of_weights']:.2f} of the weights "
-          f"(partitioned: {out['zero3']['loaded_partitioned']})", flush=True)
+    z2, z3 = out["zero2"], out["zero3"]
+    # The base-weight share each rank holds under ZeRO-3: 1 / world_size when partitioned.
+    out["zero3_weight_share_per_rank"] = [w / weights_mb for w in z3["loading_weights_mb_per_rank"]]
+    fmt = lambda xs: " / ".join(f"{x:.0f}" for x in xs)  # noqa: E731
+    print(f"ZeRO-2 vs ZeRO-3 per rank (rank 0 / rank 1), {params / 1e6:.0f}M params ({weights_mb:.0f} MiB fp32), "
+          f"2 workers: base weights held {fmt(z2['loading_weights_mb_per_rank'])} vs "
+          f"{fmt(z3['loading_weights_mb_per_rank'])} MiB (ZeRO-3 share "
+          f"{fmt([100 * s for s in out['zero3_weight_share_per_rank']])} %, partitioned: {z3['loaded_partitioned']}); "
+          f"RSS after loading {fmt(z2['loading_held_mb_per_rank'])} vs {fmt(z3['loading_held_mb_per_rank'])} MiB, "
+          f"peak while loading {fmt(z2['loading_peak_mb_per_rank'])} vs {fmt(z3['loading_peak_mb_per_rank'])} MiB, "
+          f"trial peak {fmt(z2['peak_mb_per_rank'])} vs {fmt(z3['peak_mb_per_rank'])} MiB", flush=True)
     return out
 
 
@@ -146,7 +152,7 @@ def main() -> None:
         folder = Path(tmp)
         chosen = quickstart_trials(folder / "planned", QUICKSTART)
         results["quickstart"] = compare([short(chosen[v]) for v in QUICKSTART], folder, args.repeat, "quickstart")
-        model = folder / "llama-216m"
+        model = folder / "llama-207m"
         params = build_model(model)
         results["params"] = params
         results["medium"] = compare([medium_trial(model, 2, r) for r in (4, 8, 16)], folder, args.repeat, "medium")

@@ -41,6 +41,17 @@ def release_freed_memory() -> None:
         pass  # not glibc: the peak is then an upper bound
 
 
+def current_mb(device: Any) -> float:
+    """What this process holds now (MiB): CUDA memory allocated, or on CPU the resident set
+    after freed memory went back to the OS (so it is what is held, not the allocator's past)."""
+    if device.type == "cuda":
+        import torch
+
+        return torch.cuda.memory_allocated(device) / 2**20
+    release_freed_memory()
+    return (rss_bytes() or 0) / 2**20
+
+
 class PeakMemory:
     """Peak memory of this process from start() to stop(), in MiB."""
 
@@ -67,6 +78,16 @@ class PeakMemory:
             now = rss_bytes()
             if now is not None and now > self._peak:
                 self._peak = now
+
+    def so_far(self) -> float:
+        """The peak since start(), without stopping (MiB)."""
+        if self.device.type == "cuda":
+            import torch
+
+            return torch.cuda.max_memory_allocated(self.device) / 2**20
+        if self._thread is None:
+            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        return max(self._peak, rss_bytes() or 0) / 2**20
 
     def stop(self) -> float:
         if self.device.type == "cuda":

@@ -177,6 +177,17 @@ def is_checkpointing(model: PreTrainedModel) -> bool:
     return bool(getattr(model, "is_gradient_checkpointing", False))
 
 
+def held_weight_mb(model: torch.nn.Module) -> float:
+    """Bytes of model weights this rank holds: a partition's share under ZeRO-3 (`ds_tensor`),
+    else the whole tensor."""
+    total = 0
+    for p in model.parameters():
+        t = getattr(p, "ds_tensor", None)
+        t = p if t is None else t
+        total += t.numel() * t.element_size()
+    return total / 2**20
+
+
 def count_params(model: torch.nn.Module) -> tuple[int, int]:
     """(trainable, total) parameters; under ZeRO-3 `ds_numel` is the unpartitioned size."""
     trainable = total = 0

@@ -11,8 +11,8 @@ device) gets it back with the previous trial undone:
   weight by a residual);
 - activation checkpointing, the input-grad hook and `requires_grad` are reset.
 
-Then it is checked: every base parameter's dtype, and a float64 fingerprint (sum and sum of
-squares, per tensor) of every base parameter and buffer, must equal what they were at load.
+Then it is checked: every base parameter's dtype, and a fingerprint (sum and norm, per
+tensor) of every base parameter and buffer, must equal what they were at load.
 A model that fails the check, a trial that failed before handing its model back, and ZeRO-3
 (whose engine partitions the weights in place) all load fresh. The undoing happens when the
 next trial asks, so its cost is part of that trial's `base_model_load_s`.
@@ -42,6 +42,7 @@ class _Held:
     fingerprint: torch.Tensor
     dtypes: dict[str, torch.dtype]
     requires_grad: dict[str, bool]
+    training: bool
     saved: dict[str, torch.Tensor] = field(default_factory=dict)  # parameter name -> CPU copy
     wrapped: Any = None  # the PEFT model the current trial handed back
     returned: bool = False
@@ -64,12 +65,19 @@ def _key(cfg: ModelConfig, dtype, device) -> tuple:
 
 
 def _fingerprint(model) -> torch.Tensor:
+    """Per tensor, its sum and its norm, in fp32: two fast passes over memory (no float64
+    copy of the model). Deterministic for an unchanged tensor on the same device, so an
+    unchanged model compares equal exactly, and any real change moves the norm."""
     import torch
 
+    rows = []
     with torch.no_grad():
-        rows = [torch.stack([t.detach().double().sum(), t.detach().double().square().sum()]).cpu()
-                for _, t in [*model.named_parameters(), *model.named_buffers()]]
-    return torch.stack(rows)
+        for _, t in [*model.named_parameters(), *model.named_buffers()]:
+            t = t.detach()
+            if not t.is_floating_point():
+                t = t.to(torch.float32)
+            rows.append(torch.stack([t.sum(dtype=torch.float32), torch.linalg.vector_norm(t, dtype=torch.float32)]))
+    return torch.stack(rows).cpu()
 
 
 def acquire(cfg: ModelConfig, dtype, device, where: dict, *, keep: bool) -> Loaded:
@@ -90,7 +98,7 @@ def acquire(cfg: ModelConfig, dtype, device, where: dict, *, keep: bool) -> Load
     if keep:
         params = dict(model.named_parameters())
         _held = _Held(key, model, _fingerprint(model), {n: p.dtype for n, p in params.items()},
-                      {n: p.requires_grad for n, p in params.items()})
+                      {n: p.requires_grad for n, p in params.items()}, model.training)
     return Loaded(model, time.perf_counter() - started, False)
 
 
@@ -139,6 +147,7 @@ def _restore(held: _Held):
     model.disable_input_require_grads()
     for name, param in model.named_parameters():
         param.requires_grad_(held.requires_grad.get(name, False))  # PEFT froze them; as loaded again
+    model.train(held.training)  # the mode from_pretrained left (eval); the engine left it training
     model.config.use_cache = False
     dtypes = {n: p.dtype for n, p in model.named_parameters()}
     if dtypes != held.dtypes or not torch.equal(_fingerprint(model), held.fingerprint):

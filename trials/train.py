@@ -31,12 +31,13 @@ from trials.dist import (
 from trials.engine_config import deepspeed_config, init_fingerprint, warmup_cosine
 from trials.errors import TrialError
 from trials.evaluate import Evaluator, gather_records
-from trials.memory import PeakMemory
+from trials.memory import PeakMemory, current_mb
 from trials.metrics import NullReporter, Reporter
 from trials.model import (
     PartitionedLoading,
     count_params,
     gathered_forward,
+    held_weight_mb,
     is_checkpointing,
     is_partitioned,
     load_tokenizer,
@@ -112,6 +113,7 @@ class _Trial:
     records: list[dict[str, Any]] = field(default_factory=list)  # this rank's, of the latest evaluation
     generate_s: float = 0.0
     memory: PeakMemory | None = None
+    load_memory: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])
     adapter_params: list[Any] = field(default_factory=list)
     initial: Path | None = None  # the saved initial adapter, for inits that rewrite base weights
     scheduler: Any = None
@@ -168,8 +170,10 @@ class _Trial:
             engine.destroy()
         resident.give_back(engine.module)
         # This trial's own peak (see trials.memory) of every rank; the largest is the metric.
-        mine, rank = self.memory.stop(), self.world.rank
-        per_rank = all_sum([mine if r == rank else 0.0 for r in range(self.world.size)], self.world.device)
+        mine, rank, size = self.memory.stop(), self.world.rank, self.world.size
+        mine = [mine, *self.load_memory]
+        table = all_sum([v if r == rank else 0.0 for v in mine for r in range(size)], self.world.device)
+        per_rank, *loading = (table[i * size:(i + 1) * size] for i in range(len(mine)))
         peak = max(per_rank)
         if self.is_main:
             result["adapter_bytes"] = artifacts.dir_bytes(self.out / artifacts.ADAPTER_DIR)
@@ -185,6 +189,8 @@ class _Trial:
                 "steps": self.steps,
                 "setup": info,
                 "peak_memory_mb_per_rank": per_rank,
+                # Per rank, up to the loaded base model: peak, held after, the weights' bytes.
+                "loading_mb_per_rank": dict(zip(("peak", "held", "weights"), loading)),
                 "versions": artifacts.versions(),
             })
         result = broadcast(result)
@@ -207,6 +213,9 @@ class _Trial:
                                   keep=self.keep_base_model and not zero3.active)
         model = loaded.model
         partitioned = is_partitioned(model)
+        # What loading cost this rank, before any training: its peak so far, what it holds after
+        # (allocator caches returned), and the weights' own bytes (a ZeRO-3 partition or all).
+        self.load_memory = [self.memory.so_far(), current_mb(self.world.device), held_weight_mb(model)]
         base_params = count_params(model)[1]
         if cfg.trainer.gradient_checkpointing:
             # The PEFT way: non-reentrant checkpointing, and embedding outputs that require grad,

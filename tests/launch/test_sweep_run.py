@@ -93,6 +93,11 @@ def test_run_records_one_finished_child_per_trial(finished_sweep, mlflow_server)
         assert json.loads(mlflow_server.download(run_id, "trial.json"))["trial_id"] == t["trial_id"]
         ludwig = yaml.safe_load(mlflow_server.download(run_id, "adapter.yaml"))
         assert ludwig["adapter"]["type"] == cfg["adapter"]["type"]
+    # The workers were kept, and so was the base model (resources.keep_base_model, the default):
+    # only the first trial read it from disk.
+    ordered = sorted(children, key=lambda r: r["info"]["start_time"])
+    assert [metrics(r)["base_model_reused"] for r in ordered] == [0, 1, 1]
+    assert all(metrics(r)["base_model_load_s"] >= 0 for r in ordered)
     print(f"\n3-trial sweep wall time: {finished_sweep['wall_s']:.1f}s")
 
 

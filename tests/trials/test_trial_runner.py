@@ -313,6 +313,12 @@ def test_zero3_loads_partitioned_and_sees_the_same_base(variant_runs):
     whole = records["lora"]["metrics"]["forgetting_before"]
     for n, r in records.items():
         assert r["metrics"]["forgetting_before"] == pytest.approx(whole, abs=1e-6), n
+    # What each rank holds of the base weights after loading: half the model when partitioned
+    # over 2 ranks (ZeRO-0's lora holds all of it on each).
+    all_of_it = records["lora"]["loading_mb_per_rank"]["weights"][0]
+    for n, r in records.items():
+        share = [w / all_of_it for w in r["loading_mb_per_rank"]["weights"]]
+        assert share == pytest.approx([0.5, 0.5] if r["setup"]["loaded_partitioned"] else [1, 1], abs=0.01), n
 
 
 def test_bucket_size_follows_the_trainable_count():

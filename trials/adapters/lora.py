@@ -5,7 +5,15 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator
 
-from trials.adapters.base import AdapterFamily, Calibration, FamilyFields, Issue, PlanContext, TargetShape, wrapped_module_names
+from trials.adapters.base import (
+    AdapterFamily,
+    Calibration,
+    FamilyFields,
+    Issue,
+    PlanContext,
+    TargetShape,
+    wrapped_module_names,
+)
 
 _INITS = ("default", "gaussian", "pissa", "corda", "loftq", "olora")
 _PISSA_NITER = re.compile(r"pissa_niter_[1-9][0-9]*")
