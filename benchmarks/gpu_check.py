@@ -205,7 +205,7 @@ def two_trial_sweep(root: Path, gpu: bool) -> tuple[dict[str, Any], dict[str, bo
         "sweep: both trials finished": len(runs) == 2 and all(r.info.status == "FINISHED" for r in runs),
         "sweep: peak memory is per trial (batch 2 after batch 32 reports less)": (
             batches == [32, 2] and None not in peaks and peaks[1] < peaks[0]),
-        "sweep: the second trial took the base model the first kept on the GPU": reused == [0.0, 1.0],
+        "sweep: the second trial took the base model the first kept loaded": reused == [0.0, 1.0],
     }
     return result, checks
 
