@@ -9,7 +9,8 @@ device) gets it back with the previous trial undone:
 - the weights an initializer rewrote are put back from a CPU copy of just the modules the
   adapter wraps, taken before wrapping (PiSSA, CorDA, OLoRA and LoftQ replace a wrapped
   weight by a residual);
-- activation checkpointing, the input-grad hook and `requires_grad` are reset.
+- activation checkpointing, `requires_grad` and eval mode are reset, and every module hook
+  the trial added is removed (the input-grad hook among them).
 
 Then it is checked: every base parameter's dtype, and a fingerprint (sum and norm, per
 tensor) of every base parameter and buffer, must equal what they were at load.
@@ -43,6 +44,7 @@ class _Held:
     dtypes: dict[str, torch.dtype]
     requires_grad: dict[str, bool]
     training: bool
+    hooks: dict[str, set[int]]
     saved: dict[str, torch.Tensor] = field(default_factory=dict)  # parameter name -> CPU copy
     wrapped: Any = None  # the PEFT model the current trial handed back
     returned: bool = False
@@ -80,6 +82,25 @@ def _fingerprint(model) -> torch.Tensor:
     return torch.stack(rows).cpu()
 
 
+_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+
+
+def _hooks(model) -> dict[str, set[int]]:
+    return {f"{name}:{d}": set(getattr(m, d, {}).keys()) for name, m in model.named_modules() for d in _HOOK_DICTS}
+
+
+def _remove_new_hooks(model, kept: dict[str, set[int]]) -> None:
+    """Remove the hooks a trial left (hook handles are the trial's, and some are lost: PEFT
+    registers the input-grad hook again over ours when checkpointing is on)."""
+    for name, m in model.named_modules():
+        for d in _HOOK_DICTS:
+            hooks = getattr(m, d, None)
+            for key in [k for k in (hooks or {}) if k not in kept.get(f"{name}:{d}", set())]:
+                hooks.pop(key)
+                for extra in ("_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks_with_kwargs"):
+                    getattr(m, extra, {}).pop(key, None)
+
+
 def acquire(cfg: ModelConfig, dtype, device, where: dict, *, keep: bool) -> Loaded:
     """The base model on `device`: the kept one when `keep` and it matches, else read from disk
     (and kept for the next trial when `keep`)."""
@@ -98,7 +119,7 @@ def acquire(cfg: ModelConfig, dtype, device, where: dict, *, keep: bool) -> Load
     if keep:
         params = dict(model.named_parameters())
         _held = _Held(key, model, _fingerprint(model), {n: p.dtype for n, p in params.items()},
-                      {n: p.requires_grad for n, p in params.items()}, model.training)
+                      {n: p.requires_grad for n, p in params.items()}, model.training, _hooks(model))
     return Loaded(model, time.perf_counter() - started, False)
 
 
@@ -145,12 +166,13 @@ def _restore(held: _Held):
     held.saved = {}
     set_checkpointing(model, False)
     model.disable_input_require_grads()
+    _remove_new_hooks(model, held.hooks)
     for name, param in model.named_parameters():
         param.requires_grad_(held.requires_grad.get(name, False))  # PEFT froze them; as loaded again
     model.train(held.training)  # the mode from_pretrained left (eval); the engine left it training
     model.config.use_cache = False
     dtypes = {n: p.dtype for n, p in model.named_parameters()}
-    if dtypes != held.dtypes or not torch.equal(_fingerprint(model), held.fingerprint):
+    if dtypes != held.dtypes or _hooks(model) != held.hooks or not torch.equal(_fingerprint(model), held.fingerprint):
         log.warning("the kept base model differs from the one loaded; loading it again")
         return None
     return model

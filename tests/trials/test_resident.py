@@ -54,6 +54,26 @@ def test_pissa_wrapped_model_comes_back_as_loaded(model_cfg, tiny_model):
     assert state.keys() == loaded.keys() and all(torch.equal(state[k], loaded[k]) for k in loaded)
 
 
+def test_checkpointing_and_its_hooks_are_undone(model_cfg, tiny_model):
+    """Gradient checkpointing on, our input-grad hook, then PEFT's own over it (PeftModel
+    registers it again when checkpointing is on, and the first handle is lost): all gone."""
+    from trials.model import is_checkpointing, set_checkpointing
+
+    first = _take(model_cfg)
+    embed = first.model.get_input_embeddings()
+    assert not embed._forward_hooks
+    set_checkpointing(first.model, True)
+    first.model.enable_input_require_grads()
+    adapter = TrialConfig.model_validate({
+        "model": {"base_model": str(tiny_model)}, "data": {"train": "t.jsonl"}, "trainer": {"max_steps": 1},
+        "adapter": {"type": "oft", "oft_block_size": 16}}).adapter
+    wrapped = family_of(adapter).wrap(first.model, adapter, None)
+    assert len(embed._forward_hooks) >= 2  # ours and PEFT's, at least
+    resident.give_back(wrapped)
+    again = _take(model_cfg)
+    assert again.reused and not embed._forward_hooks and not is_checkpointing(again.model)
+
+
 def test_an_unrecorded_change_loads_the_model_again(model_cfg):
     first = _take(model_cfg)
     loaded = _state(first.model)
