@@ -15,7 +15,9 @@
    worker kept across both trials): the second trial, at a smaller batch, must report a
    smaller peak than the first (peaks are per trial, not per process), and must have taken
    the base model the first trial kept loaded (`resources.keep_base_model`).
-3. **LoftQ**, when bitsandbytes is installed: one `lora+loftq` trial.
+3. **LoftQ**, when bitsandbytes is installed: one `lora+loftq` trial, exported; the adapter
+   must be saved with its quantized backbone and a config that does not run LoftQ again, and
+   reloaded on that backbone (`trials.artifacts.load_trained`) give the trial's probe logits.
 
 Every fact checked is under `checks` in the JSON (true/false); the exit code is 1 when one
 fails. `--smoke` runs the same code path on CPU (fp32, tiny shapes, CPU workers) to keep the
@@ -220,8 +222,54 @@ def loftq_trial(root: Path, gpu: bool) -> tuple[dict[str, Any], dict[str, bool]]
                                 "target_modules": ["q_proj", "v_proj"]}])
     run = subprocess.run([sys.executable, "-m", "sweep", "run", str(spec), "--quiet"], capture_output=True, text=True,
                          timeout=900, cwd=ROOT)
-    return {"exit": run.returncode, "tail": (run.stdout + run.stderr).splitlines()[-4:]}, {
-        "loftq: the trial finished": run.returncode == 0}
+    result = {"exit": run.returncode, "tail": (run.stdout + run.stderr).splitlines()[-4:]}
+    checks = {"loftq: the trial finished": run.returncode == 0}
+    if run.returncode != 0:
+        return result, checks
+    export = root / "loftq-export"
+    sh(sys.executable, "-m", "sweep", "export", str(spec), "--out", str(export), timeout=300)
+    result.update(reload_with_trained_base(root, tiny, export / "adapter", "gpu-check-loftq"))
+    checks.update({
+        "loftq: the saved config does not run LoftQ again": result["saved_init_lora_weights"] is True,
+        "loftq: the adapter is saved with its quantized backbone": result["trained_base_tensors"] > 0,
+        "loftq: reloaded on its backbone, it gives the trained model's logits": result["max_diff_on_backbone"] < 0.05,
+        "loftq: on the original weights it does not": result["max_diff_on_original"] > result["max_diff_on_backbone"],
+        "loftq: best.yaml says which base it needs": "LoftQ backbone" in (export / "best.yaml").read_text(),
+    })
+    return result, checks
+
+
+def reload_with_trained_base(root: Path, tiny: Path, adapter: Path, experiment: str) -> dict[str, Any]:
+    """The exported LoftQ adapter reloaded with and without its trained base, against the
+    trial's own probe logits (bf16 on both sides)."""
+    import torch
+    from mlflow.tracking import MlflowClient
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from trials import artifacts
+
+    client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    exp = client.get_experiment_by_name(experiment)
+    [child] = [r for r in client.search_runs([exp.experiment_id]) if r.data.tags.get("peft_sweep.role") != "sweep"]
+    probe = torch.load(client.download_artifacts(child.info.run_id, artifacts.PROBE_FILE, str(root)))
+    inputs = {k: probe[k].to("cuda") for k in ("input_ids", "attention_mask")}
+
+    def logits(model) -> torch.Tensor:
+        with torch.no_grad():
+            return model.eval()(**inputs).logits.float().cpu()
+
+    def fresh():
+        return AutoModelForCausalLM.from_pretrained(tiny, dtype=torch.bfloat16).to("cuda")
+
+    on_backbone = logits(artifacts.load_trained(fresh(), adapter))
+    on_original = logits(PeftModel.from_pretrained(fresh(), str(adapter)))
+    saved = json.loads((adapter / "adapter_config.json").read_text())
+    return {"saved_init_lora_weights": saved.get("init_lora_weights"),
+            "trained_base_tensors": len(load_file(str(adapter / artifacts.TRAINED_BASE_FILE))),
+            "max_diff_on_backbone": float((on_backbone - probe["logits"]).abs().max()),
+            "max_diff_on_original": float((on_original - probe["logits"]).abs().max())}
 
 
 def main() -> None:

@@ -43,7 +43,7 @@ METRICS: dict[str, Metric] = {
     "trainable_params": Metric("params", "minimize", "parameters with requires_grad after wrapping"),
     "total_params": Metric("params", "none", "all parameters of the wrapped model"),
     "trainable_percent": Metric("%", "minimize", "100 * trainable_params / base model parameters"),
-    "adapter_bytes": Metric("bytes", "minimize", "size on disk of the saved adapter directory"),
+    "adapter_bytes": Metric("bytes", "minimize", "size on disk of the saved adapter directory (a LoftQ backbone excluded)"),
     "train_s": Metric("s", "minimize", "wall seconds of the training loop (evaluation excluded)"),
     "setup_s": Metric("s", "minimize", "wall seconds from trial start to the first training step (model, data, DeepSpeed)"),
     "base_model_load_s": Metric("s", "minimize", "wall seconds to have the base model on the device: read from disk, or on a kept worker the previous trial's adapter removed and the model checked (rank 0)"),

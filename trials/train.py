@@ -116,6 +116,7 @@ class _Trial:
     load_memory: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])
     adapter_params: list[Any] = field(default_factory=list)
     initial: Path | None = None  # the saved initial adapter, for inits that rewrite base weights
+    trained_base: dict[str, Any] | None = None  # base weights the adapter needs (LoftQ), by name
     scheduler: Any = None
     stop_requested: bool = False  # a reporter's answer to the latest evaluation
 
@@ -165,7 +166,7 @@ class _Trial:
             result.update(self._final(engine, splits))
             self._probe(engine, splits.eval)
             artifacts.save_adapter(engine.module, self.out / artifacts.ADAPTER_DIR, self.adapter_params,
-                                   initial=self.initial, is_main=self.is_main)
+                                   initial=self.initial, is_main=self.is_main, trained_base=self.trained_base)
         finally:
             engine.destroy()
         resident.give_back(engine.module)
@@ -176,7 +177,7 @@ class _Trial:
         per_rank, *loading = (table[i * size:(i + 1) * size] for i in range(len(mine)))
         peak = max(per_rank)
         if self.is_main:
-            result["adapter_bytes"] = artifacts.dir_bytes(self.out / artifacts.ADAPTER_DIR)
+            result["adapter_bytes"] = artifacts.adapter_bytes(self.out / artifacts.ADAPTER_DIR)
             result["peak_memory_mb"] = peak
             result["wall_s"] = time.perf_counter() - self.started
             # Every rank holds one device (a GPU, or a CPU worker) for the whole trial.
@@ -249,6 +250,7 @@ class _Trial:
                      if partitioned else None)
             calibration = Calibration([self.to_device(self._inputs([e])) for e in chosen], **(
                 {"whole_model": whole} if whole else {}))
+        self.trained_base = family.trained_base(model, f) or None  # LoftQ's backbone, saved with the adapter
         log.info("model loaded; wrapping with %s", family.variant(f))
         model = family.wrap(model, f, calibration)
         # What PEFT added: under ZeRO-3 exactly these are gathered to save the adapter.

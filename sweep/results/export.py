@@ -24,6 +24,7 @@ from sweep.tracking.reader import (
     unflatten,
 )
 from trials.adapters import FAMILIES
+from trials.artifacts import TRAINED_BASE_FILE
 from trials.config import TrialConfig
 
 if TYPE_CHECKING:
@@ -91,6 +92,19 @@ def ludwig_config(config: TrialConfig) -> dict[str, Any]:
     return out
 
 
+def _trained_base_note(config: TrialConfig) -> str:
+    """What to load an adapter with that was trained on rewritten base weights (LoftQ)."""
+    a = config.adapter
+    kind = "NF4" if getattr(a, "loftq_bits", 4) == 4 else "int8"
+    return (
+        f"# The trained PEFT adapter is in ./adapter. It was trained on the LoftQ backbone: {config.model.base_model}\n"
+        f"# with its targeted weights replaced by their {kind} quantization ({getattr(a, 'loftq_iter', 1)} LoftQ step(s)),\n"
+        f"# saved as ./adapter/{TRAINED_BASE_FILE}. On the original weights it is wrong: load it with\n"
+        "# trials.artifacts.load_trained(base_model, 'adapter'), which puts those weights back first\n"
+        "# (quantize that backbone to serve it in 4 or 8 bits; PeftModel.from_pretrained alone skips them).\n"
+    )
+
+
 def one_trial_spec(config: TrialConfig, sweep: Sweep, name: str) -> dict[str, Any]:
     """A sweep spec whose expansion is exactly this trial (absolute paths, so it runs from anywhere)."""
     original = sweep.spec or {}
@@ -133,7 +147,8 @@ def export_trial(client: MlflowClient, sweep: Sweep, trial: TrialRun, out_dir: s
     header = (
         f"# peft-sweep {sweep.name}: best of {among} finished trials by {sweep.metric} ({sweep.goal}) = {value:.6g}\n"
         f"# trial {trial.trial_id}, MLflow run {trial.run_id} at {sweep.tracking_uri}\n"
-        "# The trained PEFT adapter is in ./adapter (load with PeftModel.from_pretrained).\n"
+        + (_trained_base_note(config) if (out / ADAPTER_DIR / TRAINED_BASE_FILE).is_file() else
+           "# The trained PEFT adapter is in ./adapter (load with PeftModel.from_pretrained).\n")
     )
     (out / "best.yaml").write_text(_yaml(ludwig_config(config), header))
     config.dump(out / "trial.json")

@@ -135,6 +135,19 @@ class AdapterFamily:
         """True when initialization rewrites base weights, so a portable save needs conversion."""
         return False
 
+    def needs_trained_base(self, f: FamilyFields) -> bool:
+        """True when the trained adapter only holds together with the base weights its
+        initialization rewrote, and no conversion expresses it against the original base
+        (LoftQ: the adapter corrects the quantized weights). Those weights are saved with it."""
+        return False
+
+    def trained_base(self, model: torch.nn.Module, f: FamilyFields) -> dict[str, torch.nn.Parameter]:
+        """The base weights such an adapter is saved with, by their names in the unwrapped model:
+        the parameters themselves, taken before wrapping (the initializer rewrites their data in place)."""
+        if not self.needs_trained_base(f):
+            return {}
+        return {f"{name}.weight": model.get_submodule(name).weight for name in self.rewritten_modules(model, f)}
+
     def rewritten_modules(self, model: torch.nn.Module, f: FamilyFields) -> list[str]:
         """Modules whose base weights wrapping rewrites (a kept base model restores them)."""
         return []

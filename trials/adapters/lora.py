@@ -179,6 +179,12 @@ class Lora(AdapterFamily):
     def changes_base_weights(self, f: LoraFields) -> bool:
         return _init_kind(f.init_lora_weights) in ("pissa", "corda", "olora")
 
+    def needs_trained_base(self, f: LoraFields) -> bool:
+        # PiSSA/CorDA/OLoRA move exactly B0 @ A0 out of W, so the trained adapter converts to
+        # one on the original W. LoftQ replaces W by its quantization Q, and Q + B0 @ A0 is only
+        # close to W: the adapter was trained to correct Q and is saved with it.
+        return f.init_lora_weights == "loftq"
+
     def rewritten_modules(self, model, f: LoraFields) -> list[str]:
         # LoftQ too: it replaces W by its dequantized quantization (residual of the adapter).
         if _init_kind(f.init_lora_weights) not in ("pissa", "corda", "olora", "loftq"):
