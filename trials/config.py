@@ -146,6 +146,10 @@ class TrialConfig(Strict):
     def content_id(self) -> str:
         """Stable id from the trial's content (everything but the id itself)."""
         payload = self.model_dump(mode="json", exclude={"trial_id"})
+        fields = type(self.adapter)
+        for name in fields.ID_WHEN_SET:
+            if getattr(self.adapter, name) == fields.model_fields[name].default:
+                payload["adapter"].pop(name, None)
         digest = hashlib.sha256(json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
         variant = family_of(self.adapter).variant(self.adapter).replace("+", "-")
         return f"{variant}-{digest[:10]}"

@@ -15,6 +15,10 @@ parameters, base weights included):
   gradient;
 - a fixed runtime overhead: the CUDA context and allocator slack on GPU, the imported
   libraries' resident set on CPU.
+Initializers that calibrate (CorDA) peak before training: the whole base model (ZeRO-3
+gathers it for the calibration), what the family says calibration holds (CorDA: an in x in
+covariance per target, fp32 unless corda_half_covariance) and the overhead. The estimate is
+the larger of the two peaks.
 Sequences are taken at data.max_length: batches pad to their longest example, so this is an
 upper bound. Device-hours: 6 x base params x trained tokens FLOPs over the GPU's peak times an
 assumed model FLOPs utilisation.
@@ -44,6 +48,7 @@ class Estimate:
     device_hours: float | None  # None on CPU workers
     fits: bool | None  # against resources.gpu_memory_gb; None when unknown
     assumptions: dict[str, Any]
+    calibration_peak_mb: float | None = None  # before training, for initializers that calibrate
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -57,7 +62,7 @@ def _bytes(precision: str, gpus: bool) -> int:
 
 def estimate_trial(trial: TrialConfig, model_config: Any, base_params: int, trainable: int, *, workers: int,
                    gpus: bool, tokens_per_example: float, gpu_memory_gb: float | None, gpu_peak_tflops: float,
-                   mfu: float) -> Estimate:
+                   mfu: float, calibration_bytes: dict[int, int] | None = None) -> Estimate:
     tc, stage = trial.trainer, trial.deepspeed.zero_stage
     b = _bytes(trial.deepspeed.precision, gpus)
     half = b == 2
@@ -85,14 +90,16 @@ def estimate_trial(trial: TrialConfig, model_config: Any, base_params: int, trai
         "logits": tokens_micro * vocab * (b + 4 + 4),
         "overhead": OVERHEAD_MIB["cuda" if gpus else "cpu"] * MiB,
     }
-    total_mb = sum(parts.values()) / MiB
+    calibration = (calibration_bytes or {}).get(b, 0)
+    calibration_peak_mb = (base_params * b + calibration + parts["overhead"]) / MiB if calibration else None
+    total_mb = max(sum(parts.values()) / MiB, calibration_peak_mb or 0.0)
     tokens = int(tc.max_steps * batch * tc.gradient_accumulation_steps * workers * tokens_per_example)
     flops = float(FLOPS_PER_PARAM_TOKEN * base_params * tokens)
     device_hours = flops / (gpu_peak_tflops * 1e12 * mfu) / 3600 if gpus else None
     fits = None if gpu_memory_gb is None or not gpus else total_mb <= gpu_memory_gb * 1024
     return Estimate(
         peak_memory_mb=total_mb, parts_mb={k: v / MiB for k, v in parts.items()}, tokens=tokens, flops=flops,
-        device_hours=device_hours, fits=fits,
+        device_hours=device_hours, fits=fits, calibration_peak_mb=calibration_peak_mb,
         assumptions={"dtype_bytes": b, "sequence_length": length, "gradient_checkpointing": checkpointing,
                      "gpu_peak_tflops": gpu_peak_tflops if gpus else None, "mfu": mfu if gpus else None,
                      "tokens_per_example": tokens_per_example},

@@ -40,7 +40,12 @@ LUDWIG_ONLY = {"*": ("pretrained_adapter_weights", "postprocessor"),
                "lora": ("bias_type", "loraplus_lr_ratio", "eva_config", "layer_replication"), "c3a": ("bias_type",),
                "tinylora": ("projection_seed", "save_projection", "tinylora_dropout"),
                "vblora": ("vblora_dropout", "save_only_topk_weights")}
-LORA_SUBCONFIGS = {"loftq_config": ("loftq_bits", "loftq_iter"), "corda_config": ("corda_method", "corda_samples")}
+# PEFT's sub-config keys -> the LoRA fields they set.
+LORA_SUBCONFIGS = {
+    "loftq_config": {"loftq_bits": "loftq_bits", "loftq_iter": "loftq_iter"},
+    "corda_config": {"corda_method": "corda_method", "corda_samples": "corda_samples",
+                     "use_float16_for_covariance": "corda_half_covariance"},
+}
 # Ludwig trainer path -> TrainerConfig field (searchable as hyperopt trainer.<path>; also trainer.epochs).
 TRAINER_FIELDS = {"learning_rate": "learning_rate", "batch_size": "batch_size",
                   "gradient_accumulation_steps": "gradient_accumulation_steps", "train_steps": "max_steps",
@@ -132,7 +137,7 @@ class _Import:
                 self.warn(f"adapter.{key}: no peft-sweep equivalent; ignored")
             elif kind == "lora" and key in LORA_SUBCONFIGS:
                 sub = value if isinstance(value, dict) else {}
-                item.update({k: v for k, v in sub.items() if k in LORA_SUBCONFIGS[key]})
+                item.update({LORA_SUBCONFIGS[key][k]: v for k, v in sub.items() if k in LORA_SUBCONFIGS[key]})
                 self.ignored(f"adapter.{key}", sub, LORA_SUBCONFIGS[key])
             elif key not in fields.model_fields:
                 hint = fields.unknown_key_hints.get(key)

@@ -32,6 +32,8 @@ class AdapterCheck:
     errors: tuple[str, ...] = ()
     warnings: tuple[str, ...] = ()
     targets: int = 0
+    # What the initializer holds while calibrating (CorDA), by the trial's dtype bytes (2 or 4).
+    calibration_bytes: tuple[tuple[int, int], ...] = ()
 
 
 @dataclass
@@ -150,6 +152,7 @@ class ModelShapes:
             errors=tuple(i.line() for i in issues if i.severity == "error"),
             warnings=tuple(i.line() for i in issues if i.severity == "warning"),
             targets=len(targets),
+            calibration_bytes=tuple((b, family.calibration_bytes(adapter, targets, b)) for b in (2, 4)),
         )
 
     def _count(self, model: Any, config: Any, family: Any, adapter: Any, targets: list[TargetShape]) -> int:
@@ -282,15 +285,16 @@ def make_plan(spec: SweepSpec, spec_dir: Path, *, expansion: Expansion | None = 
             plan.rejected.append(Rejected(f"trial {trial.trial_id}", list(result.errors), trial.trial_id))
         else:
             plan.trials.append(TrialPlan(trial, result.trainable, shapes.base_params, result.warnings,
-                                         _estimate(spec, trial, shapes, result.trainable, reports)))
+                                         _estimate(spec, trial, shapes, result, reports)))
     return plan
 
 
-def _estimate(spec: SweepSpec, trial: TrialConfig, shapes: ModelShapes, trainable: int,
+def _estimate(spec: SweepSpec, trial: TrialConfig, shapes: ModelShapes, check: AdapterCheck,
               reports: list[DataReport]) -> Estimate:
     train = next((r for r in reports if r.role == "train"), None)
     per_example = (train.tokens / train.examples) if train is not None and train.tokens else trial.data.max_length
     r = spec.resources
-    return estimate_trial(trial, shapes.config, shapes.base_params, trainable, workers=r.workers_per_trial,
+    return estimate_trial(trial, shapes.config, shapes.base_params, check.trainable, workers=r.workers_per_trial,
                           gpus=r.gpus_per_worker > 0, tokens_per_example=per_example, gpu_memory_gb=r.gpu_memory_gb,
-                          gpu_peak_tflops=r.gpu_peak_tflops, mfu=r.assumed_mfu)
+                          gpu_peak_tflops=r.gpu_peak_tflops, mfu=r.assumed_mfu,
+                          calibration_bytes=dict(check.calibration_bytes))

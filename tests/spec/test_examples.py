@@ -54,3 +54,34 @@ def test_seed_comparison_refuses_loftq_without_gpus(tmp_path):
     assert [r.trial_id.split("-")[0:2] for r in plan.rejected] == [["lora", "loftq"]]
     assert "needs CUDA" in plan.rejected[0].lines[0]
     assert len(plan.trials) == 10
+
+
+def test_corda_calibration_memory_is_in_the_estimate(tmp_path):
+    """CorDA holds an in x in covariance per target until every target is decomposed: on
+    Llama-3.1-8B's q_proj and v_proj (in 4096, 32 layers each) 4 GiB in fp32, 2 GiB with
+    corda_half_covariance; the whole bf16 base is held beside them."""
+    from sweep.spec.estimate import MiB, OVERHEAD_MIB
+
+    raw = yaml.safe_load((EXAMPLES / "seed-comparison.yaml").read_text())
+    raw["model"]["base_model"] = str(EXAMPLES / raw["model"]["base_model"])
+    raw["data"]["train"] = str(EXAMPLES / raw["data"]["train"])
+    corda = {"type": "lora", "r": 16, "init_lora_weights": "corda", "target_modules": ["q_proj", "v_proj"]}
+    raw["search"]["adapters"] = [corda, {**corda, "corda_half_covariance": True},
+                                 {**corda, "init_lora_weights": "pissa"}]
+    raw["search"]["seeds"] = [0]
+    path = tmp_path / "corda.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    plan = make_plan(*load_spec(path), config_only=True)
+    assert plan.ok, [r.lines for r in plan.rejected]
+    full, half, pissa = (next(t.estimate for t in plan.trials if t.trial.adapter.init_lora_weights == init
+                              and t.trial.adapter.corda_half_covariance == h)
+                         for init, h in (("corda", False), ("corda", True), ("pissa", False)))
+    covariance = 64 * 4096 ** 2
+    base = plan.base_params * 2  # bf16 on GPUs
+    assert full.calibration_peak_mb == pytest.approx((base + covariance * 4) / MiB + OVERHEAD_MIB["cuda"])
+    assert half.calibration_peak_mb == pytest.approx((base + covariance * 2) / MiB + OVERHEAD_MIB["cuda"])
+    assert pissa.calibration_peak_mb is None
+    assert full.peak_memory_mb >= full.calibration_peak_mb > half.calibration_peak_mb
+    # The half-precision covariance is its own trial; the default one keeps the id it always had.
+    ids = {t.trial.trial_id for t in plan.trials}
+    assert len(ids) == 3

@@ -248,7 +248,7 @@ def trial(model_dir: Path, data: tuple[Path, Path], adapter: dict, max_grad_norm
     {"type": "lora", "r": 4, "alpha": 8, "init_lora_weights": "pissa", "use_rslora": True,
      "target_modules": ["q_proj", "v_proj"]},
     {"type": "lora", "r": 2, "alpha": 4, "dropout": 0.1, "init_lora_weights": "corda", "corda_method": "kpm",
-     "target_modules": ["q_proj"]},
+     "corda_samples": 8, "corda_half_covariance": True, "target_modules": ["q_proj"]},
     {"type": "oft", "r": 2},
     {"type": "hra", "r": 4, "apply_GS": True},
     {"type": "waveft", "n_frequency": 16, "scaling": 10.0},

@@ -93,3 +93,4 @@ def test_trained_base_of_another_model_is_refused(tiny_model, tmp_path):
     save_file({name: torch.zeros(3, 3)}, str(tmp_path / artifacts.TRAINED_BASE_FILE))
     with pytest.raises(ValueError, match="trained on another base model"):
         artifacts.load_trained(base, tmp_path)
+

@@ -24,6 +24,11 @@ if TYPE_CHECKING:
 class FamilyFields(Strict):
     """Concrete fields of one adapter in one trial (no grid lists)."""
 
+    # Fields added after trials were first identified: hashed into a trial's id only when set
+    # to something other than their default, so existing trials keep their ids (and a resumed
+    # sweep its finished trials).
+    ID_WHEN_SET: ClassVar[frozenset[str]] = frozenset()
+
     target_modules: list[str] | None = Field(
         None, description="Module names or a regex; unset uses PEFT's default for the model architecture."
     )
@@ -147,6 +152,10 @@ class AdapterFamily:
         if not self.needs_trained_base(f):
             return {}
         return {f"{name}.weight": model.get_submodule(name).weight for name in self.rewritten_modules(model, f)}
+
+    def calibration_bytes(self, f: FamilyFields, targets: list[TargetShape], dtype_bytes: int) -> int:
+        """Memory the initializer holds while calibrating, beyond the model (CorDA's covariances)."""
+        return 0
 
     def rewritten_modules(self, model: torch.nn.Module, f: FamilyFields) -> list[str]:
         """Modules whose base weights wrapping rewrites (a kept base model restores them)."""

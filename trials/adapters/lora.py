@@ -38,6 +38,12 @@ class LoraFields(FamilyFields):
         "ipm", description="CorDA mode: ipm keeps knowledge (instruction-previewed), kpm keeps world knowledge (corda only)."
     )
     corda_samples: int = Field(16, ge=1, description="Calibration examples drawn from the trial's train data (corda only).")
+    corda_half_covariance: bool = Field(
+        False, description="Accumulate CorDA's in x in covariance per target in the trial's 16-bit dtype instead of "
+                           "fp32: half their memory, less precise; no effect in fp32 trials (PEFT's "
+                           "use_float16_for_covariance; corda only).")
+
+    ID_WHEN_SET = frozenset({"corda_half_covariance"})
 
     @field_validator("init_lora_weights")
     @classmethod
@@ -84,7 +90,8 @@ class Lora(AdapterFamily):
         elif f.init_lora_weights == "loftq":
             extra["loftq_config"] = LoftQConfig(loftq_bits=f.loftq_bits, loftq_iter=f.loftq_iter)
         elif f.init_lora_weights == "corda":
-            extra["corda_config"] = CordaConfig(corda_method=f.corda_method)
+            extra["corda_config"] = CordaConfig(corda_method=f.corda_method,
+                                                use_float16_for_covariance=f.corda_half_covariance)
         return LoraConfig(
             r=f.r,
             lora_alpha=f.alpha,
@@ -191,6 +198,14 @@ class Lora(AdapterFamily):
             return []
         return wrapped_module_names(model, self.peft_config(f, for_count=True))
 
+    def calibration_bytes(self, f: LoraFields, targets: list[TargetShape], dtype_bytes: int) -> int:
+        # PEFT's CorDA keeps an in x in covariance on every target until all are decomposed: fp32,
+        # or the inputs' own dtype with use_float16_for_covariance.
+        if f.init_lora_weights != "corda":
+            return 0
+        per_elem = dtype_bytes if f.corda_half_covariance else 4
+        return sum(t.in_features ** 2 for t in targets) * per_elem
+
     def needs_calibration(self, f: LoraFields) -> bool:
         return f.init_lora_weights == "corda"
 
@@ -234,4 +249,8 @@ class Lora(AdapterFamily):
             out["loftq_config"] = {"loftq_bits": f.loftq_bits, "loftq_iter": f.loftq_iter}
         if f.init_lora_weights == "corda":
             out["corda_config"] = {"corda_method": f.corda_method}
+            if f.corda_samples != LoraFields.model_fields["corda_samples"].default:
+                out["corda_config"]["corda_samples"] = f.corda_samples  # ours, read back on import
+            if f.corda_half_covariance:
+                out["corda_config"]["use_float16_for_covariance"] = True
         return out
