@@ -235,8 +235,11 @@ class _Trial:
             with gathered_forward(model) if partitioned else nullcontext():
                 self.forgetting_before = self.evaluator.loss(model, self._shard(splits.forgetting))
         base_ids = {id(p) for p in model.parameters()}
+        # Found once (a probe wrap of the model), only where something needs them.
+        rewritten = (family.rewritten_modules(model, f)
+                     if resident.holds(model) or family.needs_trained_base(f) else [])
         if resident.holds(model):
-            resident.protect(model, family.rewritten_modules(model, f))
+            resident.protect(model, rewritten)
 
         # Random and data-dependent inits must agree on every rank (ZeRO-3 keeps each rank's
         # own copy of its partition, nothing re-broadcasts it): same seed, same calibration.
@@ -250,7 +253,7 @@ class _Trial:
                      if partitioned else None)
             calibration = Calibration([self.to_device(self._inputs([e])) for e in chosen], **(
                 {"whole_model": whole} if whole else {}))
-        self.trained_base = family.trained_base(model, f) or None  # LoftQ's backbone, saved with the adapter
+        self.trained_base = family.trained_base(model, f, rewritten) or None  # LoftQ's backbone, saved with the adapter
         log.info("model loaded; wrapping with %s", family.variant(f))
         model = family.wrap(model, f, calibration)
         # What PEFT added: under ZeRO-3 exactly these are gathered to save the adapter.

@@ -94,11 +94,11 @@ def ludwig_config(config: TrialConfig) -> dict[str, Any]:
 
 def _trained_base_note(config: TrialConfig) -> str:
     """What to load an adapter with that was trained on rewritten base weights (LoftQ)."""
-    a = config.adapter
-    kind = "NF4" if getattr(a, "loftq_bits", 4) == 4 else "int8"
+    a = config.adapter  # LoRA fields: LoftQ is the one init that leaves a trained base
+    kind = "NF4" if a.loftq_bits == 4 else "int8"
     return (
         f"# The trained PEFT adapter is in ./adapter. It was trained on the LoftQ backbone: {config.model.base_model}\n"
-        f"# with its targeted weights replaced by their {kind} quantization ({getattr(a, 'loftq_iter', 1)} LoftQ step(s)),\n"
+        f"# with its targeted weights replaced by their {kind} quantization ({a.loftq_iter} LoftQ step(s)),\n"
         f"# saved as ./adapter/{TRAINED_BASE_FILE}. On the original weights it is wrong: load it with\n"
         "# trials.artifacts.load_trained(base_model, 'adapter'), which puts those weights back first\n"
         "# (quantize that backbone to serve it in 4 or 8 bits; PeftModel.from_pretrained alone skips them).\n"

@@ -43,7 +43,7 @@ def test_loftq_adapter_is_saved_with_its_backbone_and_reloads_exactly(tiny_model
 
     lora, f = Lora(), LoraFields(init_lora_weights="loftq", r=4, target_modules=["q_proj", "v_proj"])
     model = fresh()
-    trained_base = lora.trained_base(model, f)
+    trained_base = lora.trained_base(model, f, lora.rewritten_modules(model, f))
     assert trained_base and all(n.endswith(("q_proj.weight", "v_proj.weight")) for n in trained_base)
     base_ids = {id(p) for p in model.parameters()}
     peft_model = get_peft_model(model, lora.peft_config(f, for_count=True))

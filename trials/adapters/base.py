@@ -146,12 +146,14 @@ class AdapterFamily:
         (LoftQ: the adapter corrects the quantized weights). Those weights are saved with it."""
         return False
 
-    def trained_base(self, model: torch.nn.Module, f: FamilyFields) -> dict[str, torch.nn.Parameter]:
+    def trained_base(self, model: torch.nn.Module, f: FamilyFields,
+                     rewritten: list[str]) -> dict[str, torch.nn.Parameter]:
         """The base weights such an adapter is saved with, by their names in the unwrapped model:
-        the parameters themselves, taken before wrapping (the initializer rewrites their data in place)."""
+        the parameters themselves, taken before wrapping (the initializer rewrites their data in
+        place). `rewritten` is `rewritten_modules(model, f)`, which the caller already has."""
         if not self.needs_trained_base(f):
             return {}
-        return {f"{name}.weight": model.get_submodule(name).weight for name in self.rewritten_modules(model, f)}
+        return {f"{name}.weight": model.get_submodule(name).weight for name in rewritten}
 
     def calibration_bytes(self, f: FamilyFields, targets: list[TargetShape], dtype_bytes: int) -> int:
         """Memory the initializer holds while calibrating, beyond the model (CorDA's covariances)."""
